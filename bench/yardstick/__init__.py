@@ -1,0 +1,1 @@
+"""Yardstick: reproducible pipeline from Debian-package text to small trained Apertus models."""
