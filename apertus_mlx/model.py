@@ -1,0 +1,272 @@
+"""The Apertus architecture in MLX.
+
+Apertus is a pre-norm decoder-only transformer: grouped-query attention with an RMSNorm on every
+query and key head (QK-norm) before llama3-scaled RoPE, and a non-gated MLP whose activation is
+xIELU with learned per-layer parameters. Module attribute names equal the Hugging Face tensor
+names, so a checkpoint loads by name after `Model.sanitize`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from .errors import ConfigError
+
+# Keys without which the model's shape is unknown; the rest have the reference's defaults.
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+@dataclass
+class ModelArgs:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 65536
+    tie_word_embeddings: bool = False
+    rope_theta: float = 12_000_000.0
+    rope_scaling: dict[str, Any] | None = None  # None: plain RoPE; else llama3 parameters
+    qk_norm: bool = True
+    mlp_bias: bool = False
+    attention_bias: bool = False
+    model_type: str = "apertus"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelArgs:
+        """Build from a `config.json` dict of either schema (transformers 4.56+ or >= 5)."""
+        model_type = config.get("model_type")
+        if model_type != "apertus":
+            raise ConfigError(f"config.json: model_type is {model_type!r}, expected 'apertus'")
+        if missing := [k for k in _REQUIRED if k not in config]:
+            raise ConfigError(f"config.json: missing key(s) {', '.join(missing)}")
+        if (act := config.get("hidden_act", "xielu")) != "xielu":
+            raise ConfigError(f"config.json: hidden_act {act!r} is not supported (Apertus uses 'xielu')")
+        if config.get("post_norm", False):
+            raise ConfigError("config.json: post_norm=true is not supported (no Apertus release uses it)")
+
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise ConfigError(
+                f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
+        theta, scaling = _rope_from_config(config)
+        return cls(
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            vocab_size=config["vocab_size"],
+            rms_norm_eps=config.get("rms_norm_eps", 1e-5),
+            max_position_embeddings=config.get("max_position_embeddings", 65536),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            qk_norm=bool(config.get("qk_norm", True)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            attention_bias=bool(config.get("attention_bias", False)),
+            extra=config,
+        )
+
+
+def _rope_from_config(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, llama3 scaling or None) from `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling`."""
+    if isinstance(config.get("rope_parameters"), dict):
+        params = config["rope_parameters"]
+        where = "rope_parameters"
+    else:
+        params = dict(config.get("rope_scaling") or {})
+        if "rope_theta" in config:
+            params.setdefault("rope_theta", config["rope_theta"])
+        where = "rope_scaling"
+    if "rope_theta" not in params:
+        raise ConfigError("config.json: missing key rope_theta (or rope_parameters.rope_theta)")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return float(params["rope_theta"]), None
+    if rope_type != "llama3":
+        raise ConfigError(
+            f"config.json: {where}.rope_type {rope_type!r} is not supported (expected 'llama3' or 'default')"
+        )
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if missing := [k for k in keys if k not in params]:
+        raise ConfigError(f"config.json: {where} lacks {', '.join(missing)} for llama3 RoPE")
+    return float(params["rope_theta"]), {"rope_type": "llama3", **{k: params[k] for k in keys}}
+
+
+def rope_periods(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> mx.array:
+    """Per-pair rotation periods (1 / inverse frequency) with llama3 long-context scaling.
+
+    Frequencies whose wavelength exceeds the original context are slowed by `factor`, short ones
+    are kept, and those in between are interpolated smoothly.
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    if scaling is not None:
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= context / high) & (wavelen <= context / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return mx.array(1.0 / inv_freq, dtype=mx.float32)
+
+
+@mx.compile
+def xielu(x: mx.array, alpha_p: mx.array, alpha_n: mx.array, beta: mx.array, eps: mx.array) -> mx.array:
+    alpha_p = nn.softplus(alpha_p)
+    alpha_n = beta + nn.softplus(alpha_n)
+    positive = alpha_p * x * x + beta * x
+    negative = (mx.expm1(mx.minimum(x, eps)) - x) * alpha_n + beta * x
+    return mx.where(x > 0, positive, negative)
+
+
+class XIELU(nn.Module):
+    """xIELU activation; `alpha_p`, `alpha_n` are learned pre-softplus scalars, `beta`, `eps` fixed."""
+
+    def __init__(self):
+        super().__init__()
+        # Placeholders with the reference's initial values; checkpoints overwrite all four.
+        self.alpha_p = mx.array(math.log(math.expm1(0.8)))
+        self.alpha_n = mx.array(math.log(math.expm1(0.8 - 0.5)))
+        self.beta = mx.array(0.5)
+        self.eps = mx.array(-1e-6)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return xielu(x, self.alpha_p, self.alpha_n, self.beta, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.scale = args.head_dim**-0.5
+        dim, bias = args.hidden_size, args.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self._periods = rope_periods(args.head_dim, args.rope_theta, args.rope_scaling)
+
+    def __call__(self, x: mx.array, mask: Any, cache: Any | None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)  # (B, L, H, D)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)  # (B, L, Hkv, D)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, heads, L, D)
+
+        offset = cache.offset if cache is not None else 0
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._periods)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._periods)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.act_fn = XIELU()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.feedforward_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: Any, cache: Any | None) -> mx.array:
+        h = x + self.self_attn(self.attention_layernorm(x), mask, cache)
+        return h + self.mlp(self.feedforward_layernorm(h))
+
+
+class ApertusModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None) -> mx.array:
+        h = self.embed_tokens(inputs)  # (B, L, hidden)
+        cache = cache or [None] * len(self.layers)
+        mask = create_attention_mask(h, cache[0])
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, mask, layer_cache)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """Apertus causal LM: `model(ids, cache)` maps (B, L) token ids to (B, L, vocab) logits."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = ApertusModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+        h = self.model(inputs, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Every checkpoint fix-up in one place: maps a checkpoint's tensors onto our parameters."""
+        out = {}
+        for name, w in weights.items():
+            if name.endswith(("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
+                continue  # buffers some exporters write; recomputed from the config
+            if ".act_fn." in name:
+                w = w.reshape(())  # the reference stores alpha_p/alpha_n as shape (1,), beta/eps as ()
+            out[name] = w
+        if self.args.tie_word_embeddings:
+            out.pop("lm_head.weight", None)
+        # Checkpoints that drop the xIELU constants get the reference's defaults, as it does.
+        for i, layer in enumerate(self.layers):
+            for const in ("beta", "eps"):
+                out.setdefault(f"model.layers.{i}.mlp.act_fn.{const}", getattr(layer.mlp.act_fn, const))
+        return out
+
+    def make_cache(self, max_kv_size: int | None = None) -> list[Any]:
+        """A fresh per-layer KV cache; with `max_kv_size`, a rotating one that keeps the first 4 tokens."""
+        if max_kv_size is not None:
+            return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in self.layers]
+        return [KVCache() for _ in self.layers]
