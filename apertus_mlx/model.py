@@ -222,7 +222,7 @@ class ApertusModel(nn.Module):
         h = self.embed_tokens(inputs)  # (B, L, hidden)
         cache = cache or [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
-        for layer, layer_cache in zip(self.layers, cache):
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, mask, layer_cache)
         return self.norm(h)
 
