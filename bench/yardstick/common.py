@@ -12,11 +12,7 @@ HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE / "data"
 CORPUS_DIR = DATA_DIR / "corpus"
 TOKENIZER_DIR = DATA_DIR / "tokenizer"
-CACHE_DIR = Path(
-    os.environ.get(
-        "YARDSTICK_CACHE", Path.home() / ".cache" / "apertus-mlx" / "yardstick"
-    )
-)
+CACHE_DIR = Path(os.environ.get("YARDSTICK_CACHE", Path.home() / ".cache" / "apertus-mlx" / "yardstick"))
 
 # One document in HELDOUT_MOD lands in the held-out split; the choice depends only on
 # the document id, so it is stable across machines, runs and corpus rebuilds.

@@ -91,7 +91,6 @@ def extract(deb: Path, root: Path) -> Path:
 _FREEFORM_LICENSES = [
     (r"PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2", "PSF-2.0"),
     (r"under the same license as the original man\s+pages", "per-page licenses of the original man pages (DFSG-free)"),
-    (r"GNU General Public License", "GPL"),
 ]
 
 

@@ -62,9 +62,7 @@ class _Extractor(HTMLParser):
         if tag == "pre":
             self._pre += 1
         if tag in _BLOCK_TAGS:
-            self.parts.append(
-                "\n\n" if tag not in {"br", "li", "dt", "dd", "tr"} else "\n"
-            )
+            self.parts.append("\n\n" if tag not in {"br", "li", "dt", "dd", "tr"} else "\n")
 
     def handle_endtag(self, tag: str) -> None:
         if self._skip_tag is not None:
@@ -94,10 +92,7 @@ def html_to_text(html: str) -> str:
     parser.feed(html)
     parser.close()
     text = "".join(parser.parts)
-    lines = [
-        line.strip() if "\x00" not in line else line.rstrip()
-        for line in text.split("\n")
-    ]
+    lines = [line.strip() if "\x00" not in line else line.rstrip() for line in text.split("\n")]
     text = "\n".join(lines).replace("\x00", "\n")
     text = text.replace("\u00b6", "")  # Sphinx permalink pilcrows
     return re.sub(r"\n{3,}", "\n\n", text).strip()

@@ -45,21 +45,14 @@ def _unescape(s: str) -> str:
     s = re.sub(r"\\\((..)", lambda m: _NAMED.get(m.group(1), ""), s)
     s = re.sub(r"\\\[([^\]]*)\]", lambda m: _NAMED.get(m.group(1), ""), s)
     s = re.sub(r"\\[nk](\[[^\]]*\]|\(..|.)", "", s)  # registers, marks
-    s = (
-        s.replace("\\-", "-")
-        .replace("\\e", "\\")
-        .replace("\\ ", " ")
-        .replace("\\~", " ")
-    )
+    s = s.replace("\\-", "-").replace("\\e", "\\").replace("\\ ", " ").replace("\\~", " ")
     s = re.sub(r"\\[&%|^c:)]", "", s)
     return s.replace("\\\\", "\\")
 
 
 def _split_args(rest: str) -> list[str]:
     """Split macro arguments, honouring double quotes."""
-    return [
-        a[1:-1] if a.startswith('"') else a for a in re.findall(r'"[^"]*"|\S+', rest)
-    ]
+    return [a[1:-1] if a.startswith('"') else a for a in re.findall(r'"[^"]*"|\S+', rest)]
 
 
 def roff_to_text(src: str) -> str:
