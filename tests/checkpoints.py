@@ -7,7 +7,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import ApertusConfig, ApertusForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import ApertusConfig, ApertusForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parent.parent
+CHAT_TEMPLATE = (REPO / "bench" / "yardstick" / "chat_template.jinja").read_text()
+SPECIAL_TOKENS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<|system_start|>",
+    "<|system_end|>",
+    "<|developer_start|>",
+    "<|developer_end|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|inner_prefix|>",
+    "<|inner_suffix|>",
+    "<|tools_prefix|>",
+    "<|tools_suffix|>",
+]
+ASSISTANT_END = SPECIAL_TOKENS.index("<|assistant_end|>")
+VOCAB = 384
+# Multilingual text for the tiny BPE: enough merges for whole words, and every byte stays encodable.
+_BPE_TEXT = [
+    "The quick brown fox jumps over the lazy dog. Hello world, hello Apertus!",
+    "Grüezi mitenand. Die Hauptstadt der Schweiz ist Bern. Ça va très bien, merci.",
+    "Il pleut à Genève; nevica a Lugano. 日本語のテキスト。 Emoji: 🇨🇭🧀⛰️",
+    "def main():\n    print('hello')\n    return 0\n",
+] * 8
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -26,7 +57,7 @@ def make_reference(
     heads: int = 4,
     kv_heads: int = 2,
     intermediate: int = 160,
-    vocab: int = 256,
+    vocab: int = VOCAB,
     tie: bool = False,
     seed: int = 0,
     **config_overrides,
@@ -35,6 +66,9 @@ def make_reference(
     torch.manual_seed(seed)
     config = ApertusConfig(
         vocab_size=vocab,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -57,15 +91,42 @@ def make_reference(
 
 
 def save_reference(model: ApertusForCausalLM, path: Path, schema: str = "v5", dtype: torch.dtype | None = None) -> Path:
-    """`save_pretrained`, then optionally rewrite config.json in the transformers 4.56-4.x schema."""
+    """A complete checkpoint directory: `save_pretrained` weights and config, tokenizer, generation config.
+
+    With `schema="v4"`, config.json is rewritten in the transformers 4.56-4.x schema.
+    """
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(path)
     if dtype is not None:
         model.float()
+    save_tokenizer(path)
+    GenerationConfig(
+        bos_token_id=1, eos_token_id=[2, ASSISTANT_END], do_sample=True, temperature=0.8, top_p=0.9
+    ).save_pretrained(path)
     if schema == "v4":
         to_v4_schema(path / "config.json")
     return path
+
+
+def save_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of `VOCAB` tokens with the Apertus special tokens and chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_BPE_TEXT, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
 
 
 def to_v4_schema(config_file: Path) -> None:

@@ -6,9 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from checkpoints import make_reference, max_rel_error, reference_logits, save_reference
 
 import apertus_mlx
+
+from checkpoints import make_reference, max_rel_error, reference_logits, save_reference
 
 
 def our_logits(model, ids: np.ndarray) -> np.ndarray:
@@ -26,10 +27,10 @@ def test_logits_match_reference(tmp_path, schema, tie, kv_heads):
     model = apertus_mlx.load_model(path)
     assert ("lm_head" in model) is not tie
 
-    ids = np.random.default_rng(0).integers(0, 256, size=(2, 24))
+    ids = np.random.default_rng(0).integers(0, 384, size=(2, 24))
     ref_logits = reference_logits(ref, ids)
     ours = our_logits(model, ids)
-    assert ours.shape == (2, 24, 256)
+    assert ours.shape == (2, 24, 384)
     assert max_rel_error(ours, ref_logits) <= 1e-4
 
 
@@ -48,7 +49,7 @@ def test_positions_beyond_original_context(tmp_path):
     # llama3 RoPE scaling matters past the original 8192 positions: run a sequence that reaches 8300.
     ref = make_reference(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, seed=7)
     model = apertus_mlx.load_model(save_reference(ref, tmp_path / "ckpt"))
-    ids = np.random.default_rng(1).integers(0, 256, size=(1, 8300))
+    ids = np.random.default_rng(1).integers(0, 384, size=(1, 8300))
     ref_logits = reference_logits(ref, ids)
     ours = our_logits(model, ids)
     assert max_rel_error(ours[:, 8100:], ref_logits[:, 8100:]) <= 1e-4
@@ -75,7 +76,7 @@ def test_bfloat16_checkpoint_loads_in_bfloat16(tmp_path):
 @pytest.mark.parametrize("tie", [False, True])
 def test_incremental_decoding_equals_full_forward(tmp_path, tie):
     model = apertus_mlx.load_model(save_reference(make_reference(tie=tie), tmp_path / "ckpt"))
-    ids = np.random.default_rng(2).integers(0, 256, size=(1, 20))
+    ids = np.random.default_rng(2).integers(0, 384, size=(1, 20))
     full = our_logits(model, ids)
 
     cache = apertus_mlx.make_cache(model)
