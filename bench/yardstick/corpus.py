@@ -44,6 +44,8 @@ PACKAGES: list[tuple[str, str, str]] = [
     ("manpages-pl", "pl", "man"),
     ("manpages-ru", "ru", "man"),
     ("manpages-ja", "ja", "man"),
+    # One book in ~25 translations; "*" takes each page's language from its html/<ll-CC>/ folder.
+    ("debian-handbook", "*", "html"),
 ]
 
 # Documents longer than this are cut at paragraph boundaries, so that the hash split
@@ -141,6 +143,14 @@ def documents(tree: Path, kind: str) -> list[tuple[str, str]]:
     return out
 
 
+def page_language(rel: str, default: str) -> str:
+    """Language of one page: the package's, or for "*" packages the html/<ll-CC>/ folder's."""
+    if default != "*":
+        return default
+    m = re.search(r"/html/([a-z]{2,3})(?:-[A-Za-z]{2,4})?/", rel)
+    return m.group(1) if m else "und"
+
+
 def chunks(text: str) -> list[str]:
     """Cut ``text`` into pieces of about CHUNK_CHARS at paragraph boundaries."""
     pieces, cur, size = [], [], 0
@@ -185,11 +195,11 @@ def main() -> None:
                 if len(piece) < MIN_DOC_CHARS:
                     continue
                 doc_id = f"{pkg}:{rel}#{k}"
-                row = {"id": doc_id, "lang": lang, "source": pkg, "text": piece}
+                row = {"id": doc_id, "lang": page_language(rel, lang), "source": pkg, "text": piece}
                 (heldout if is_heldout(doc_id) else train).append(row)
                 n_docs += 1
                 n_chars += len(piece)
-        chars[lang] += n_chars
+                chars[row["lang"]] += len(piece)
         names, copyright_path = licenses(tree, pkg)
         sources.append(
             {
