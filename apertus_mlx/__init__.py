@@ -1,19 +1,30 @@
 """apertus-mlx: the Swiss AI Apertus language models on Apple silicon with MLX."""
 
 from .errors import ApertusError, CheckpointError, ConfigError, ModelNotFoundError
+from .events import Done, Event, Stats, TextDelta, ToolCall, ToolCallError
 from .load import load, load_model, load_tokenizer, make_cache, resolve
 from .model import Model, ModelArgs
 from .save import save_model
+from .session import ChatSession, SamplingOptions, generate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ApertusError",
+    "ChatSession",
     "CheckpointError",
     "ConfigError",
+    "Done",
+    "Event",
     "Model",
     "ModelArgs",
     "ModelNotFoundError",
+    "SamplingOptions",
+    "Stats",
+    "TextDelta",
+    "ToolCall",
+    "ToolCallError",
+    "generate",
     "load",
     "load_model",
     "load_tokenizer",

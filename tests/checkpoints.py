@@ -90,6 +90,14 @@ def make_reference(
     return model
 
 
+def silence_special_tokens(model: ApertusForCausalLM) -> ApertusForCausalLM:
+    """Zero the head rows of the special tokens: their logit is 0, below the best of the random others,
+    so greedy decoding never emits markers or end-of-turn and chats run their full length."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight[: len(SPECIAL_TOKENS)] = 0
+    return model
+
+
 def save_reference(model: ApertusForCausalLM, path: Path, schema: str = "v5", dtype: torch.dtype | None = None) -> Path:
     """A complete checkpoint directory: `save_pretrained` weights and config, tokenizer, generation config.
 
