@@ -84,7 +84,9 @@ def test_cache_reuse_over_three_turns_equals_greedy_from_scratch(chat_model):
         assert done.tokens == scratch.tokens, f"turn {turn}"
         assert done.stats.prompt_tokens == scratch.stats.prompt_tokens == len(prompt)
         # Only what differs from the cache was prefilled, and the model saw exactly that much.
-        reusable = next((i for i, (a, b) in enumerate(zip(cached, prompt)) if a != b), min(len(cached), len(prompt)))
+        reusable = next(
+            (i for i, (a, b) in enumerate(zip(cached, prompt, strict=False)) if a != b), min(len(cached), len(prompt))
+        )
         assert done.stats.prefilled_tokens == len(prompt) - min(reusable, len(prompt) - 1)
         if turn:
             assert done.stats.prefilled_tokens < done.stats.prompt_tokens / 2

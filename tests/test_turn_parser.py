@@ -1,0 +1,168 @@
+"""Reasoning/answer split, tool calls and UTF-8 streaming, on crafted token streams."""
+
+import pytest
+
+from apertus_mlx import ChatSession, Done, SamplingOptions, TextDelta, ToolCall, ToolCallError
+from apertus_mlx.turn_parser import TurnParser, parse_tool_calls
+
+from checkpoints import save_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from apertus_mlx import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tok")
+    save_tokenizer(path)
+    (path / "config.json").write_text('{"eos_token_id": 2}')
+    return load_tokenizer(path)
+
+
+def ids(tokenizer, *parts: str) -> list[int]:
+    """Token ids of the parts; a part that is a special token becomes its single id."""
+    out = []
+    for part in parts:
+        special = tokenizer.convert_tokens_to_ids(part)
+        if part.startswith("<|") and special != tokenizer.unk_token_id:
+            out.append(special)
+        else:
+            out += tokenizer.encode(part, add_special_tokens=False)
+    return out
+
+
+def parse(tokenizer, tokens: list[int]):
+    parser = TurnParser(tokenizer)
+    events = [e for t in tokens for e in parser.feed(t)]
+    return events + parser.close()
+
+
+def text_of(events, channel="answer") -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta) and e.channel == channel)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Grüezi mitenand, wie gaht's?",
+        "Emoji: 🇨🇭 🧀 👩🏽‍💻 and ⛰️ done",
+        "日本語のテキストと한국어 그리고 中文。",
+        "Combining: e\u0301 a\u0308 n\u0303 — Zalgo: Z\u0351\u0352\u0353",
+        "  leading spaces,   inner   spaces and trailing  ",
+    ],
+)
+def test_utf8_streams_byte_exact(tokenizer, text):
+    tokens = ids(tokenizer, text)
+    assert len(tokens) > 3
+    events = parse(tokenizer, tokens)
+    deltas = [e.text for e in events]
+    assert all("\ufffd" not in d for d in deltas)  # never half a character
+    # The detokenizer drops the first space of a turn, as the chat format has none there.
+    assert "".join(deltas) == text.removeprefix(" ")
+
+
+def test_reasoning_then_answer(tokenizer):
+    tokens = ids(tokenizer, "<|inner_prefix|>", "Let me think: Bern.", "<|inner_suffix|>", "The capital is Bern.")
+    events = parse(tokenizer, tokens)
+    assert text_of(events, "reasoning") == "Let me think: Bern."
+    assert text_of(events, "answer") == "The capital is Bern."
+    assert not any(isinstance(e, (ToolCall, ToolCallError)) for e in events)
+
+
+def test_reasoning_cut_off_is_still_reasoning(tokenizer):
+    events = parse(tokenizer, ids(tokenizer, "<|inner_prefix|>", "Still thinking about"))
+    assert text_of(events, "reasoning") == "Still thinking about"
+    assert text_of(events, "answer") == ""
+
+
+def test_tool_calls(tokenizer):
+    call = '[{"get_weather": {"city": "Bern", "unit": "celsius"}}, {"now": {}}]'
+    events = parse(tokenizer, ids(tokenizer, "Checking.", "<|tools_prefix|>", call, "<|tools_suffix|>"))
+    assert text_of(events) == "Checking."
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert calls == [ToolCall("get_weather", {"city": "Bern", "unit": "celsius"}), ToolCall("now", {})]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ('[{"get_weather": {"city": "Bern"}', "tool calls are not valid JSON"),
+        ('[{"a": {}, "b": {}}]', "is not a single {name: arguments} object"),
+        ('[{"get_weather": "Bern"}]', "arguments of tool 'get_weather' are not a JSON object"),
+        ('"just a string"', "tool calls must be a JSON list"),
+    ],
+)
+def test_malformed_tool_calls_give_error_events(tokenizer, raw, message):
+    events = parse(tokenizer, ids(tokenizer, "<|tools_prefix|>", raw, "<|tools_suffix|>"))
+    errors = [e for e in events if isinstance(e, ToolCallError)]
+    assert len(errors) == 1 and message in errors[0].message and errors[0].raw == raw
+    assert parse_tool_calls(raw) == errors
+
+
+def test_truncated_tool_call(tokenizer):
+    events = parse(tokenizer, ids(tokenizer, "<|tools_prefix|>", '[{"get_weather": {"ci'))
+    assert events == [ToolCallError('[{"get_weather": {"ci', "tool call cut off before <|tools_suffix|>")]
+
+
+def test_stray_special_tokens_carry_no_text(tokenizer):
+    events = parse(tokenizer, ids(tokenizer, "Hello", "<|user_start|>", " world"))
+    assert text_of(events) == "Hello world"
+
+
+class ScriptedModel:
+    """Stands in for the model in a session whose token stream is scripted (see `scripted_session`)."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.args = SimpleNamespace(max_position_embeddings=65536)
+
+    def make_cache(self, max_kv_size=None):
+        return []
+
+
+def scripted_session(tokenizer, script: list[int], **kwargs) -> ChatSession:
+    session = ChatSession(ScriptedModel(), tokenizer, options=SamplingOptions(**kwargs))
+    session._tokens = lambda prompt, options: (t for t in script)
+    session._reuse_prefix = lambda prompt: 0
+    session._record_cached = lambda tokens: None
+    return session
+
+
+def test_session_routes_reasoning_and_tool_calls(tokenizer):
+    script = ids(
+        tokenizer,
+        "<|inner_prefix|>",
+        "Need weather.",
+        "<|inner_suffix|>",
+        "One moment.",
+        "<|tools_prefix|>",
+        '[{"get_weather": {"city": "Zürich"}}]',
+        "<|tools_suffix|>",
+        "never reached",
+    )
+    session = scripted_session(tokenizer, script)
+    events = list(session.stream("Weather in Zürich?"))
+    done = events[-1]
+    assert isinstance(done, Done) and done.finish_reason == "tool_calls"
+    assert done.reasoning == "Need weather." and done.answer == "One moment."
+    assert done.tool_calls == [ToolCall("get_weather", {"city": "Zürich"})]
+    assert session.messages[-1] == {
+        "role": "assistant",
+        "content": "One moment.",
+        "reasoning_content": "Need weather.",
+        "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}],
+    }
+    session.add_tool_result({"temperature": 21})
+    rendered = tokenizer.decode(session.render())
+    assert rendered.endswith(
+        '<|tools_prefix|>[{"get_weather": {"city": "Zürich"}}]<|tools_suffix|>["{\\"temperature\\": 21}"]'
+    )
+
+
+def test_stop_string_split_across_tokens(tokenizer):
+    script = ids(tokenizer, "The answer is 42. END of text")
+    session = scripted_session(tokenizer, script, stop=("END",))
+    events = list(session.stream("?"))
+    assert events[-1].finish_reason == "stop_string"
+    assert events[-1].answer == "The answer is 42. "
+    assert text_of(events[:-1]) == "The answer is 42. "
