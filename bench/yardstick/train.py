@@ -100,23 +100,33 @@ def train(args: argparse.Namespace) -> dict:
     print(f"{args.preset}: {n_params / 1e6:.2f}M params, {ids.size / 1e6:.1f}M train tokens", file=log_t, flush=True)
     t0 = time.time()
     window_t, window_tokens = t0, 0
-    step = 0
+    step, t10 = 0, t0
     while step < total:
         lr = lr_at(step, total, preset)
         for g in opt.param_groups:
             g["lr"] = lr
         x = batch(ids, rng, preset.batch_size, preset.seq_len, args.device)
-        with torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-            loss = step_fn(input_ids=x, labels=x).loss
+        try:
+            with torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+                loss = step_fn(input_ids=x, labels=x).loss
+        except Exception as exc:  # a failed compile must not cost the whole (paid) GPU run
+            if step_fn is model:
+                raise
+            print(f"torch.compile failed ({type(exc).__name__}: {exc}); continuing eagerly", flush=True)
+            step_fn = model
+            continue
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         window_tokens += tokens_per_step
-        if step == 20 and not args.steps:
-            per_step = (time.time() - t0) / step
-            total = max(step + 1, min(epoch_cap, int(budget / per_step)))
+        # Calibrate on steps 10..30 so compilation and warm-up do not skew the estimate.
+        if step == 10:
+            t10 = time.time()
+        if step == 30 and not args.steps:
+            per_step = (time.time() - t10) / 20
+            total = max(step + 1, min(epoch_cap, step + int((budget - (time.time() - t0)) / per_step)))
         if step % args.log_every == 0 or step == total:
             now = time.time()
             row = {
