@@ -22,6 +22,9 @@ from .model import Model, ModelArgs
 _HUB_PATTERNS = ["*.json", "model*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 END_OF_TURN = "<|assistant_end|>"
+# Used when no model is named; offline and uncached, the bundled demo model stands in.
+DEFAULT_MODEL = "swiss-ai/Apertus-8B-Instruct-2509"
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 
 def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
@@ -52,6 +55,30 @@ def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Pat
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise ModelNotFoundError(f"cannot download {name} from the Hugging Face hub: {_first_line(e)}") from None
+
+
+def choose_model(requested: str | os.PathLike | None = None) -> tuple[Path, str | None]:
+    """The model directory to use, and a note when it is a fallback.
+
+    Order: `requested`, then `$APERTUS_MODEL`, then `DEFAULT_MODEL` (downloaded if online); if that
+    cannot be had, the bundled demo model, with a note saying so.
+    """
+    requested = requested or os.environ.get("APERTUS_MODEL")
+    if requested:
+        return resolve(requested), None
+    try:
+        return resolve(DEFAULT_MODEL), None
+    except ModelNotFoundError:
+        hint = "pass --model PATH_OR_REPO or set APERTUS_MODEL"
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"no model given and the default {DEFAULT_MODEL} cannot be had offline; {hint}"
+            ) from None
+        note = (
+            f"note: {DEFAULT_MODEL} is not available offline; using the bundled demo model "
+            f"(a tiny model trained for tests, not a useful assistant). To chat for real, {hint}."
+        )
+        return DEMO_MODEL, note
 
 
 def load_config(path: Path) -> dict[str, Any]:

@@ -75,8 +75,7 @@ def make_reference(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         tie_word_embeddings=tie,
-        rope_parameters=dict(LLAMA3_ROPE),
-        **config_overrides,
+        **{"rope_parameters": dict(LLAMA3_ROPE), **config_overrides},
     )
     model = ApertusForCausalLM(config).float().eval()
     with torch.no_grad():
@@ -145,6 +144,14 @@ def to_v4_schema(config_file: Path) -> None:
     config["rope_scaling"] = rope
     config.update(qk_norm=True, post_norm=False, mlp_bias=False, transformers_version="4.56.2")
     config_file.write_text(json.dumps(config, indent=2))
+
+
+def short_context(tokens: int = 64) -> dict:
+    """Config overrides for a model whose context is only `tokens` long."""
+    return {
+        "max_position_embeddings": tokens,
+        "rope_parameters": {**LLAMA3_ROPE, "original_max_position_embeddings": tokens // 2},
+    }
 
 
 def reference_logits(model: ApertusForCausalLM, ids: np.ndarray) -> np.ndarray:

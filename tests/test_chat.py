@@ -8,7 +8,7 @@ from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache
 import apertus_mlx
 from apertus_mlx import ApertusError, ChatSession, Done, SamplingOptions, TextDelta
 
-from checkpoints import make_reference, save_reference, silence_special_tokens
+from checkpoints import make_reference, save_reference, short_context, silence_special_tokens
 
 GREEDY = SamplingOptions(max_tokens=12, temperature=0.0)
 TURNS = ["Hello there, Grüezi!", "What is the capital of Switzerland?", "Merci vielmal."]
@@ -247,7 +247,7 @@ def test_empty_prompt_and_bad_options(chat_model):
 
 
 def test_prompt_longer_than_context(tmp_path):
-    path = save_reference(make_reference(max_position_embeddings=64), tmp_path / "short")
+    path = save_reference(make_reference(**short_context(64)), tmp_path / "short")
     model, tokenizer = apertus_mlx.load(path)
     session = ChatSession(model, tokenizer)
     with pytest.raises(ApertusError, match=r"longer than the model's 64-token context"):
