@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Grüezi! Was ist die Hauptstadt der Schweiz?
+MODEL ?=
 
 .PHONY: setup chat test lint format
 
@@ -15,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 chat: setup
-	$(PY) -m apertus_mlx.generate --prompt "$(PROMPT)"
+	$(PY) -m apertus_mlx.generate $(if $(MODEL),--model "$(MODEL)") --prompt "$(PROMPT)"
 
 test: setup
 	$(VENV)/bin/ruff check .
