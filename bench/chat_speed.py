@@ -68,6 +68,9 @@ def prepare_weights(args, workdir: Path) -> Path:
         config = json.loads((source / "config.json").read_text())
     if args.bits and not isinstance(model.layers[0].mlp.up_proj, nn.QuantizedLinear):
         nn.quantize(model, group_size=args.group_size, bits=args.bits)
+    for i, layer in enumerate(model.layers):  # materialise one layer at a time: random 8B is 32 GB in fp32
+        mx.eval(layer.parameters())
+        log(f"weights: layer {i + 1}/{len(model.layers)}")
     log(f"writing the benchmark checkpoint to {workdir / 'weights'}")
     return apertus_mlx.save_model(workdir / "weights", model, config, copy_from=source)
 
