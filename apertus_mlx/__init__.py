@@ -1,5 +1,6 @@
 """apertus-mlx: the Swiss AI Apertus language models on Apple silicon with MLX."""
 
+from .engine import Engine
 from .errors import ApertusError, CheckpointError, ConfigError, ModelNotFoundError
 from .events import Done, Event, Stats, TextDelta, ToolCall, ToolCallError
 from .load import load, load_model, load_tokenizer, make_cache, resolve
@@ -15,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Done",
+    "Engine",
     "Event",
     "Model",
     "ModelArgs",

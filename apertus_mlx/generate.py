@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from typing import TextIO
 
 from . import __version__
+from .engine import Engine
 from .errors import ApertusError
-from .events import Done, TextDelta, ToolCall, ToolCallError
-from .load import DEFAULT_MODEL, choose_model, load, load_model
-from .session import ChatSession, SamplingOptions
+from .events import Done, Event, TextDelta, ToolCall, ToolCallError
+from .load import DEFAULT_MODEL
+from .session import SamplingOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,26 +60,21 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin) -> int:
         )
         if not prompt.strip():
             raise ApertusError("empty prompt: pass --prompt TEXT (or --prompt - with text on stdin)")
-        path, note = choose_model(args.model)
-        if note:
-            print(note, file=sys.stderr)
+        engine = Engine(args.model, draft_model=args.draft_model).wait_ready()
+        if engine.note:
+            print(engine.note, file=sys.stderr)
         if args.verbose:
-            print(f"model: {path}", file=sys.stderr)
-        model, tokenizer = load(path)
-        draft = load_model(args.draft_model) if args.draft_model else None
-        session = ChatSession(
-            model,
-            tokenizer,
+            print(f"model: {engine.model_path}", file=sys.stderr)
+        session = engine.session(
             system=args.system_prompt,
             think=args.think,
             options=options,
-            draft_model=draft,
             num_draft_tokens=args.num_draft_tokens,
             kv_bits=args.kv_bits,
             kv_group_size=args.kv_group_size,
             max_kv_size=args.max_kv_size,
         )
-        return _print_turn(session, prompt, args.think)
+        return _print_turn(engine.stream(session, prompt), args.think)
     except ApertusError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -86,10 +83,10 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin) -> int:
         return 130
 
 
-def _print_turn(session: ChatSession, prompt: str, show_reasoning: bool) -> int:
+def _print_turn(events: Iterator[Event], show_reasoning: bool) -> int:
     out, err = sys.stdout, sys.stderr
     channel = "answer"
-    for event in session.stream(prompt):
+    for event in events:
         if isinstance(event, TextDelta):
             if event.channel != channel and show_reasoning:
                 out.write("[reasoning]\n" if event.channel == "reasoning" else "\n[answer]\n")
