@@ -24,6 +24,7 @@ import torch
 from transformers import ApertusForCausalLM, GenerationConfig
 
 from bench.yardstick.common import DATA_DIR
+from bench.yardstick.config_compat import add_compat_keys
 from bench.yardstick.presets import PRESETS, Preset
 
 
@@ -175,6 +176,7 @@ def save(model: ApertusForCausalLM, args: argparse.Namespace, data: Path) -> Non
     model = model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
     model.save_pretrained(args.out, max_shard_size=args.max_shard_size)
+    add_compat_keys(args.out)
     # Generation stops at </s> or at the end of an assistant turn.
     GenerationConfig(bos_token_id=1, eos_token_id=eos_ids, pad_token_id=3).save_pretrained(args.out)
     for f in tok_dir.iterdir():
