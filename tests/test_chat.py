@@ -253,3 +253,19 @@ def test_prompt_longer_than_context(tmp_path):
     with pytest.raises(ApertusError, match=r"longer than the model's 64-token context"):
         session.stream("word " * 100)
     assert session.messages == []
+
+
+def test_repetition_penalty_changes_greedy_output(chat_model):
+    model, tokenizer = chat_model
+    _, plain = run(ChatSession(model, tokenizer, options=GREEDY), "Hi", max_tokens=16)
+    _, penalised = run(ChatSession(model, tokenizer, options=GREEDY), "Hi", max_tokens=16, repetition_penalty=1e6)
+    assert len(set(plain.tokens)) < len(plain.tokens)  # greedy on random weights loops
+    assert len(set(penalised.tokens)) == len(penalised.tokens)  # a huge penalty forbids recent repeats
+
+
+def test_end_of_turn_tokens(tmp_path):
+    # Even when generation_config.json names only </s>, <|assistant_end|> ends a turn.
+    path = save_reference(make_reference(), tmp_path / "ckpt")
+    (path / "generation_config.json").write_text('{"eos_token_id": 2}')
+    tokenizer = apertus_mlx.load_tokenizer(path)
+    assert tokenizer.eos_token_ids == {2, tokenizer.convert_tokens_to_ids("<|assistant_end|>")}
