@@ -36,18 +36,25 @@ _BREAK_MACROS = {
 }
 
 
+_BACKSLASH = "\x01"  # stands in for literal backslashes while other escapes are resolved
+
+
 def _unescape(s: str) -> str:
     """Resolve the roff escapes that matter for readable text; drop the rest."""
+    # Literal backslashes first, so "\\d" is not mistaken for the "\d" motion escape.
+    s = s.replace("\\\\", _BACKSLASH).replace("\\e", _BACKSLASH)
     s = re.sub(r'\\".*$', "", s)  # inline comment
     s = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", s)  # font changes
     s = re.sub(r"\\s[+-]?\d", "", s)  # size changes
     s = re.sub(r"\\\*(\[[^\]]*\]|\(..|.)", "", s)  # string interpolation
     s = re.sub(r"\\\((..)", lambda m: _NAMED.get(m.group(1), ""), s)
     s = re.sub(r"\\\[([^\]]*)\]", lambda m: _NAMED.get(m.group(1), ""), s)
-    s = re.sub(r"\\[nk](\[[^\]]*\]|\(..|.)", "", s)  # registers, marks
-    s = s.replace("\\-", "-").replace("\\e", "\\").replace("\\ ", " ").replace("\\~", " ")
-    s = re.sub(r"\\[&%|^c:)]", "", s)
-    return s.replace("\\\\", "\\")
+    s = re.sub(r"\\[nkmM](\[[^\]]*\]|\(..|.)", "", s)  # registers, marks, colours
+    s = re.sub(r"\\[hvwlLoDZ]'[^']*'", "", s)  # motions, widths, lines, overstrikes
+    s = re.sub(r"\\\$.", "", s)  # macro arguments
+    s = s.replace("\\-", "-").replace("\\ ", " ").replace("\\~", " ").replace("\\0", " ")
+    s = re.sub(r"\\[&%|^c:),/ud]", "", s)  # zero-width marks, italic corrections, half-line moves
+    return s.replace(_BACKSLASH, "\\")
 
 
 def _split_args(rest: str) -> list[str]:
@@ -66,8 +73,16 @@ def roff_to_text(src: str) -> str:
             paras.append((" " if fill else "\n").join(cur).strip())
             cur.clear()
 
+    skipping = False
     for raw in src.splitlines():
         line = raw.rstrip()
+        # Macro definitions (.de/.am) and ignored blocks (.ig) run to a ".." line: not text.
+        if skipping:
+            skipping = re.fullmatch(r"\.\s*\.", line.strip()) is None  # ".." or ".  ."
+            continue
+        if re.match(r"[.']\s*(de|de1|am|ig)\b", line):
+            skipping = True
+            continue
         if line.startswith((".", "'")):
             m = re.match(r"[.']\s*(\S+)\s*(.*)", line)
             if not m:
