@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -129,11 +130,13 @@ def rope_periods(head_dim: int, theta: float, scaling: dict[str, Any] | None) ->
     return mx.array(1.0 / inv_freq, dtype=mx.float32)
 
 
-@mx.compile
+# Shapeless: one compiled kernel for every prompt length. `square(x)` rather than `x * x` keeps
+# bf16 rounding identical to mlx-lm's port, so both give the same logits on the same weights.
+@partial(mx.compile, shapeless=True)
 def xielu(x: mx.array, alpha_p: mx.array, alpha_n: mx.array, beta: mx.array, eps: mx.array) -> mx.array:
     alpha_p = nn.softplus(alpha_p)
     alpha_n = beta + nn.softplus(alpha_n)
-    positive = alpha_p * x * x + beta * x
+    positive = alpha_p * mx.square(x) + beta * x
     negative = (mx.expm1(mx.minimum(x, eps)) - x) * alpha_n + beta * x
     return mx.where(x > 0, positive, negative)
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,12 @@ def save_model(
     config: dict[str, Any],
     copy_from: str | os.PathLike | None = None,
     overwrite: bool = False,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save weights (safetensors shards), `config.json` and the tokenizer files found in `copy_from`.
 
     The directory appears complete or not at all: everything is written to a sibling temporary
-    directory that is renamed into place at the end.
+    directory that is renamed into place at the end. `before_commit(tmp_dir)` may add files to it.
     """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not overwrite:
@@ -87,6 +89,8 @@ def save_model(
                 for file in Path(copy_from).glob(pattern):
                     if file.is_file():
                         shutil.copy2(file, tmp / file.name)
+        if before_commit is not None:
+            before_commit(tmp)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)

@@ -1,0 +1,73 @@
+"""`python -m apertus_mlx.convert`: quantize a full-precision Apertus checkpoint by a recipe."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import ApertusError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m apertus_mlx.convert",
+        description="Quantize BF16/FP16/FP32 Apertus weights by a recipe; writes MLX weights and a quality report.",
+    )
+    p.add_argument("--model", help="source: Hugging Face repo id or directory of full-precision safetensors")
+    p.add_argument("--recipe", help="a shipped recipe name (see --list-recipes) or a recipe .toml file")
+    p.add_argument("--out", type=Path, help="output directory (created atomically)")
+    p.add_argument("--calibration-text", type=Path, help="UTF-8 text for calibration (default: shipped multilingual)")
+    p.add_argument("--eval-text", type=Path, help="UTF-8 held-out text for the quality report")
+    p.add_argument("--eval-sequences", type=int, default=16, help="held-out sequences for the report (default 16)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Imported here so `--help` stays instant.
+    from quant_recipes.convert import convert, tqdm_progress
+    from quant_recipes.recipe import load_recipe, shipped_recipes
+
+    try:
+        if args.list_recipes:
+            recipes = shipped_recipes()
+            width = max(len(r.name) for r in recipes)
+            for r in recipes:
+                bpw = f"~{r.expected_bpw:.2f} bpw" if r.expected_bpw else "   target"
+                print(f"{r.name:<{width}}  {bpw:>10}  {r.description}")
+            return 0
+        missing = [f"--{k}" for k in ("model", "recipe", "out") if getattr(args, k) is None]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
+        recipe = load_recipe(args.recipe)
+        report = convert(
+            args.model,
+            recipe,
+            args.out,
+            calibration_text=args.calibration_text,
+            evaluation_text=args.eval_text,
+            progress=tqdm_progress,
+            overwrite=args.overwrite,
+            eval_sequences=args.eval_sequences,
+        )
+        print(
+            f"{args.out}: {report['bits_per_weight']:.3f} bits/weight, {report['size_bytes'] / 1e6:.1f} MB, "
+            f"KL {report['kl_divergence']:.5f}, top-1 {100 * report['top1_agreement']:.1f}%, "
+            f"perplexity {report['perplexity_original']:.2f} -> {report['perplexity_quantized']:.2f} "
+            f"(details: {args.out / 'QUALITY.md'})"
+        )
+        return 0
+    except (ApertusError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Recipes and `python -m apertus_mlx.convert`: bits where the recipe says, honest reports, atomic output."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.utils import load_model as mlx_lm_load_model
+
+import apertus_mlx
+from apertus_mlx import ConfigError
+from quant_recipes import pipeline
+from quant_recipes.calibration import default_texts, token_sequences
+from quant_recipes.convert import convert
+from quant_recipes.recipe import load_recipe, parse_recipe, shipped_recipes
+
+from checkpoints import make_reference, save_reference
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    model = make_reference(hidden=128, intermediate=256, layers=6, heads=4, kv_heads=2, seed=3)
+    return save_reference(model, tmp_path_factory.mktemp("src") / "bf16")
+
+
+@pytest.fixture(scope="module")
+def uniform(source, tmp_path_factory):
+    """Every uniform recipe converted once: {(bits, group): (output dir, report)}."""
+    out = tmp_path_factory.mktemp("uniform")
+    results = {}
+    for bits in (2, 3, 4, 5, 6, 8):
+        for group in (32, 64):
+            name = f"int{bits}-g{group}"
+            results[bits, group] = (out / name, convert(source, load_recipe(name), out / name, eval_sequences=4))
+    return results
+
+
+def quantized_layers(model) -> dict[str, tuple[int, int]]:
+    return {p: (m.bits, m.group_size) for p, m in model.named_modules() if hasattr(m, "bits")}
+
+
+def test_uniform_recipes_put_the_right_bits_everywhere(source, uniform):
+    params = sum(a.size for _, a in tree_flatten(apertus_mlx.load_model(source).parameters()))
+    for (bits, group), (path, report) in uniform.items():
+        model = apertus_mlx.load_model(path)
+        layers = quantized_layers(model)
+        assert len(layers) == 6 * 6 + 2  # q, k, v, o, up and down in each layer, the embedding and the head
+        assert set(layers.values()) == {(bits, group)}
+        # Bits per weight: every stored byte, over the original parameter count.
+        stored = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+        assert report["bits_per_weight"] == pytest.approx(stored * 8 / params)
+        assert report["bits_per_weight"] == pytest.approx(bits + 32 / group, abs=0.05)
+        assert report["size_bytes"] == sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        assert json.loads((path / "quality.json").read_text()) == report
+
+
+def test_more_bits_less_error(uniform):
+    for group in (32, 64):
+        kl = [uniform[bits, group][1]["kl_divergence"] for bits in (2, 3, 4, 5, 6, 8)]
+        assert kl == sorted(kl, reverse=True) and kl[-1] < 1e-2 * kl[0]
+        agreement = [uniform[bits, group][1]["top1_agreement"] for bits in (2, 4, 8)]
+        assert agreement == sorted(agreement)
+    for bits in (2, 3, 4):  # smaller groups are more precise
+        assert uniform[bits, 32][1]["kl_divergence"] < uniform[bits, 64][1]["kl_divergence"]
+
+
+def test_report_matches_a_direct_numpy_computation(source, uniform):
+    path, report = uniform[3, 64]
+    original = apertus_mlx.load_model(source)
+    original.set_dtype(mx.bfloat16)  # the report's reference is the bf16 model
+    quantized, tokenizer = apertus_mlx.load(path)
+    tokens = token_sequences(tokenizer, default_texts()[1], 4, 256, "evaluation")
+    lp = np.array(nn.log_softmax(original(tokens).astype(mx.float32), axis=-1))[:, :-1]
+    lq = np.array(nn.log_softmax(quantized(tokens).astype(mx.float32), axis=-1))[:, :-1]
+    kl = (np.exp(lp) * (lp - lq)).sum(-1).mean()
+    targets = np.array(tokens)[:, 1:, None]
+    ppl = np.exp(-np.take_along_axis(lq, targets, axis=-1).mean())
+    assert report["kl_divergence"] == pytest.approx(kl, rel=2e-3)
+    assert report["top1_agreement"] == pytest.approx((lp.argmax(-1) == lq.argmax(-1)).mean(), abs=2e-3)
+    assert report["perplexity_quantized"] == pytest.approx(ppl, rel=2e-3)
+    assert report["evaluation_tokens"] == lp.shape[0] * lp.shape[1]
+
+
+def test_mixed_recipe_bits_land_where_its_rules_say(source, tmp_path):
+    convert(source, load_recipe("apertus-mixed-3"), tmp_path / "mixed", eval_sequences=2)
+    layers = quantized_layers(apertus_mlx.load_model(tmp_path / "mixed"))
+    for i in range(6):
+        edge = i in (0, 1, 4, 5)
+        for name in ("q_proj", "k_proj", "o_proj"):
+            assert layers[f"model.layers.{i}.self_attn.{name}"] == (5 if edge else 3, 64)
+        assert layers[f"model.layers.{i}.self_attn.v_proj"] == (5 if edge else 4, 64)
+        assert layers[f"model.layers.{i}.mlp.down_proj"] == (5 if edge else 4, 64)
+        assert layers[f"model.layers.{i}.mlp.up_proj"] == (5 if edge else 3, 64)
+    assert layers["lm_head"] == layers["model.embed_tokens"] == (6, 64)
+
+
+@pytest.mark.parametrize("target", [{"bits_per_weight": 3.5}, {"bits_per_weight": 2.8}, {"size_gb": 0.0004}])
+def test_budget_recipe_meets_its_target(source, tmp_path, target):
+    recipe = parse_recipe({"name": "b", "bits": 4, "group_size": 64, "budget": {**target, "choices": [2, 3, 4, 6]}})
+    report = convert(source, recipe, tmp_path / "b", eval_sequences=2)
+    if "bits_per_weight" in target:
+        assert report["bits_per_weight"] == pytest.approx(target["bits_per_weight"], rel=0.02)
+        assert report["bits_per_weight"] <= target["bits_per_weight"]
+    else:
+        weights = sum(a.nbytes for _, a in tree_flatten(apertus_mlx.load_model(tmp_path / "b").parameters()))
+        assert weights == pytest.approx(target["size_gb"] * 1e9, rel=0.02) and weights <= target["size_gb"] * 1e9
+    assert len(report["layers"]) > 1  # the widths really differ between layers
+
+
+def test_budget_that_cannot_be_met(source, tmp_path):
+    recipe = parse_recipe({"name": "b", "bits": 4, "group_size": 64, "budget": {"bits_per_weight": 1.0}})
+    with pytest.raises(ConfigError, match="cannot be met: even 2-bit layers need"):
+        convert(source, recipe, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_mlx_lm_loads_our_output_with_the_same_logits(uniform):
+    path, _ = uniform[4, 64]
+    ours = apertus_mlx.load_model(path)
+    theirs, _ = mlx_lm_load_model(path)
+    ids = mx.array(np.arange(5, 45).reshape(2, 20))
+    np.testing.assert_allclose(
+        np.array(ours(ids).astype(mx.float32)), np.array(theirs(ids).astype(mx.float32)), atol=1e-5
+    )
+    recipe = json.loads((path / "config.json").read_text())["quantization_recipe"]
+    assert recipe["name"] == "int4-g64" and len(recipe["content_sha256"]) == 16
+    assert (path / "tokenizer.json").is_file() and (path / "QUALITY.md").read_text().startswith("# Quality report")
+
+
+def test_failure_midway_leaves_no_output(source, tmp_path, monkeypatch):
+    real = pipeline.quantize_linear
+    calls = []
+
+    def failing(linear, assignment, stats):
+        calls.append(1)
+        if len(calls) == 10:
+            raise RuntimeError("simulated crash in the middle of layer 1")
+        return real(linear, assignment, stats)
+
+    monkeypatch.setattr(pipeline, "quantize_linear", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        convert(source, load_recipe("int4-g64"), tmp_path / "out", eval_sequences=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_not_overwritten_by_default(source, uniform, tmp_path):
+    path, _ = uniform[8, 64]
+    with pytest.raises(apertus_mlx.ApertusError, match="already exists"):
+        convert(source, load_recipe("int8-g64"), path)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ({"bits": 4, "group_size": 64}, "r.toml: missing key 'name'"),
+        ({"name": "x", "bits": 7, "group_size": 64}, "r.toml: bits 7 is not one of 2, 3, 4, 5, 6, 8"),
+        ({"name": "x", "bits": 4, "group_size": 48}, "r.toml: group_size 48 is not one of 32, 64, 128"),
+        ({"name": "x", "bits": 4, "group_size": 64, "mode": "mxfp4"}, "mode mxfp4 needs bits=4 and group_size=32"),
+        ({"name": "x", "bits": 4, "group_size": 64, "method": "magic"}, "method 'magic' is not one of"),
+        ({"name": "x", "bits": 4, "group_size": 64, "colour": 1}, "r.toml: unknown key 'colour'"),
+        ({"name": "x", "bits": 4, "group_size": 64, "rules": [{"bits": 2}]}, "rules[0]: 'match' must be"),
+        (
+            {"name": "x", "bits": 4, "group_size": 64, "rules": [{"match": "*", "layers": [0]}]},
+            "rules[0]: 'layers' must be [first, last]",
+        ),
+        ({"name": "x", "bits": 4, "group_size": 64, "rules": [{"match": "*", "bitz": 2}]}, "unknown key 'bitz'"),
+        ({"name": "x", "bits": 4, "group_size": 64, "budget": {"ram_gb": 8, "size_gb": 2}}, "exactly one of"),
+        ({"name": "x", "bits": 4, "group_size": 64, "calibration": {"sequences": 0}}, "calibration.sequences must"),
+    ],
+)
+def test_bad_recipes_name_the_key(recipe, message):
+    with pytest.raises(ConfigError) as e:
+        parse_recipe(recipe, "r.toml")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recipe_files_that_cannot_be_read(tmp_path):
+    (tmp_path / "bad.toml").write_text("name = ")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
+        load_recipe(tmp_path / "bad.toml")
+    with pytest.raises(ConfigError, match="unknown recipe 'int9'; shipped recipes: apertus-mixed-2"):
+        load_recipe("int9")
+
+
+def test_shipped_recipes_are_valid():
+    names = {r.name for r in shipped_recipes()}
+    assert {f"int{b}-g{g}" for b in (2, 3, 4, 5, 6, 8) for g in (32, 64)} <= names
+    assert {"apertus-mixed-2", "apertus-mixed-3", "apertus-mixed-4", "budget-3.5bpw", "budget-8gb-mac"} <= names
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "apertus_mlx.convert", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_lists_recipes():
+    result = run_cli("--list-recipes")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(shipped_recipes())
+    assert any(line.startswith("int4-g64") and "4.50 bpw" in line and "Uniform 4-bit" in line for line in lines)
+
+
+def test_cli_converts_with_progress_and_summary(source, tmp_path):
+    result = run_cli(
+        "--model", str(source), "--recipe", "int4-g32", "--out", str(tmp_path / "q"), "--eval-sequences", "2"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "quantizing layers" in result.stderr  # the progress bar
+    assert result.stdout.startswith(f"{tmp_path / 'q'}: 5.0") and "KL " in result.stdout
+    assert apertus_mlx.load_model(tmp_path / "q").layers[0].mlp.up_proj.bits == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--recipe", "int4-g64", "--out", "x"], "the following arguments are required: --model"),
+        (["--model", "/nope", "--recipe", "int4-g64", "--out", "x"], "error: model path /nope does not exist"),
+        (["--model", ".", "--recipe", "int9", "--out", "x"], "error: unknown recipe 'int9'"),
+    ],
+)
+def test_cli_bad_input(args, message):
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
