@@ -29,16 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Imported here so `--help` stays instant.
-    from quant_recipes.convert import convert, tqdm_progress
+    from quant_recipes.convert import convert, estimated_bpw, tqdm_progress
     from quant_recipes.recipe import load_recipe, shipped_recipes
 
     try:
         if args.list_recipes:
             recipes = shipped_recipes()
             width = max(len(r.name) for r in recipes)
+            print(f"{'recipe':<{width}}  {'bpw (8B)':>8}  description")
             for r in recipes:
-                bpw = f"~{r.expected_bpw:.2f} bpw" if r.expected_bpw else "   target"
-                print(f"{r.name:<{width}}  {bpw:>10}  {r.description}")
+                bpw = estimated_bpw(r)
+                print(f"{r.name:<{width}}  {f'{bpw:.2f}' if bpw else 'target':>8}  {r.description}")
             return 0
         missing = [f"--{k}" for k in ("model", "recipe", "out") if getattr(args, k) is None]
         if missing:

@@ -15,12 +15,13 @@ from mlx.utils import tree_flatten
 
 from apertus_mlx import __version__
 from apertus_mlx.load import load_config, load_model, load_tokenizer, resolve
+from apertus_mlx.model import Model, ModelArgs
 from apertus_mlx.save import save_model
 
 from . import budget as budgets
 from .calibration import default_texts, read_text, token_sequences
 from .methods import METHODS
-from .pipeline import Plan, Progress, bits_per_weight, quantizable_modules, quantize_model
+from .pipeline import Plan, Progress, bits_per_weight, packed_bytes, quantizable_modules, quantize_model
 from .recipe import Recipe
 
 # Importing the calibrated methods registers them in METHODS.
@@ -87,6 +88,31 @@ def convert(
 
     save_model(out_dir, model, config, copy_from=src, overwrite=overwrite, before_commit=write_reports)
     return report
+
+
+# The published Apertus-8B shape, for estimating a recipe's size without any weights.
+APERTUS_8B = {
+    "model_type": "apertus",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "intermediate_size": 21504,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 131072,
+    "rope_theta": 12_000_000.0,
+}
+
+
+def estimated_bpw(recipe: Recipe, config: dict[str, Any] = APERTUS_8B) -> float | None:
+    """Bits per weight the recipe gives a model of this config (None for budgets: they aim at a target)."""
+    if recipe.budget is not None:
+        return None
+    model = Model(ModelArgs.from_config(config))  # never evaluated: only shapes are read
+    modules = quantizable_modules(model)
+    parameters = sum(a.size for _, a in tree_flatten(model.parameters()))
+    weights = sum(packed_bytes(m, recipe.assign(p, len(model.layers))) for p, m in modules.items())
+    others = parameters - sum(m.weight.size for m in modules.values())
+    return (weights + 2 * others) * 8 / parameters
 
 
 def _load_bf16(src: Path) -> Any:

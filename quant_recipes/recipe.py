@@ -100,7 +100,6 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     calibration: dict[str, int] = field(default_factory=lambda: {"sequences": 32, "sequence_length": 256})
     budget: Budget | None = None
-    expected_bpw: float | None = None  # shown by --list-recipes; measured in every quality report
     source: str = ""  # the file's text, for the content hash
 
     @property
@@ -148,7 +147,7 @@ def shipped_recipes() -> list[Recipe]:
     return [load_recipe(p) for p in sorted(RECIPES_DIR.glob("*.toml"))]
 
 
-_TOP = {"name", "description", "bits", "group_size", "mode", "method", "rules", "calibration", "budget", "expected_bpw"}
+_TOP = {"name", "description", "bits", "group_size", "mode", "method", "rules", "calibration", "budget"}
 _RULE = {"match", "layers", "bits", "group_size", "mode", "method", "keep"}
 _CALIBRATION = {"sequences", "sequence_length"}
 _BUDGET = {"bits_per_weight", "size_gb", "ram_gb", "context", "choices"}
@@ -197,7 +196,6 @@ def parse_recipe(data: dict[str, Any], where: str = "recipe", source: str = "") 
         rules=tuple(rules),
         calibration=calibration,
         budget=_parse_budget(data["budget"], where) if "budget" in data else None,
-        expected_bpw=data.get("expected_bpw"),
         source=source,
         **settings,
     )

@@ -1,5 +1,6 @@
 """Recipes and `python -m apertus_mlx.convert`: bits where the recipe says, honest reports, atomic output."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -190,6 +191,7 @@ def test_shipped_recipes_are_valid():
     names = {r.name for r in shipped_recipes()}
     assert {f"int{b}-g{g}" for b in (2, 3, 4, 5, 6, 8) for g in (32, 64)} <= names
     assert {"apertus-mixed-2", "apertus-mixed-3", "apertus-mixed-4", "budget-3.5bpw", "budget-8gb-mac"} <= names
+    assert {f"{m}-{b}-g64" for m in ("gptq", "awq", "distill") for b in (2, 3, 4)} <= names
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -200,9 +202,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_lists_recipes():
     result = run_cli("--list-recipes")
     assert result.returncode == 0
-    lines = result.stdout.splitlines()
+    header, *lines = result.stdout.splitlines()
+    assert header.split() == ["recipe", "bpw", "(8B)", "description"]
     assert len(lines) == len(shipped_recipes())
-    assert any(line.startswith("int4-g64") and "4.50 bpw" in line and "Uniform 4-bit" in line for line in lines)
+    rows = {line.split()[0]: line.split()[1] for line in lines}
+    assert rows["int4-g64"] == "4.50" and rows["int2-g32"] == "3.00" and rows["budget-8gb-mac"] == "target"
+    assert 3.5 < float(rows["apertus-mixed-2"]) < 4.0  # 2-bit base, wider boundary layers and projections
 
 
 def test_cli_converts_with_progress_and_summary(source, tmp_path):
@@ -227,3 +232,26 @@ def test_cli_bad_input(args, message):
     result = run_cli(*args)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def nano_rtn(tmp_path_factory):
+    from apertus_mlx.load import DEMO_MODEL
+
+    small_calibration = {"sequences": 8, "sequence_length": 128}
+    out = tmp_path_factory.mktemp("nano")
+    rtn = dataclasses.replace(load_recipe("int3-g64"), calibration=small_calibration)
+    return DEMO_MODEL, small_calibration, out, convert(DEMO_MODEL, rtn, out / "rtn", eval_sequences=4)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "distill"])
+def test_calibrated_methods_beat_rtn_on_a_trained_model(nano_rtn, method):
+    # The bundled demo model is trained, so its weights and activations have real structure.
+    source, calibration, out, rtn = nano_rtn
+    recipe = dataclasses.replace(load_recipe(f"{method}-3-g64"), calibration=calibration)
+    report = convert(source, recipe, out / method, eval_sequences=4)
+    assert report["bits_per_weight"] == pytest.approx(rtn["bits_per_weight"])
+    assert report["calibration_tokens"] == 8 * 128
+    # Clipping alone is a small lever; error feedback and fitted scales are large ones.
+    margin = 1.0 if method == "awq" else 0.9
+    assert report["kl_divergence"] < margin * rtn["kl_divergence"]
