@@ -34,8 +34,9 @@ def logits(model) -> np.ndarray:
         {"q_bits": 8, "q_group_size": 32},
         {"quant_predicate": "mixed_3_6"},
         {"q_mode": "mxfp4"},
+        {"q_mode": "nvfp4"},
     ],
-    ids=["int4-g64", "int8-g32", "mixed_3_6", "mxfp4"],
+    ids=["int4-g64", "int8-g32", "mixed_3_6", "mxfp4", "nvfp4"],
 )
 def test_mlx_lm_quantized_checkpoint_loads_with_identical_logits(hf_checkpoint, tmp_path, options):
     ref, hf_path = hf_checkpoint
