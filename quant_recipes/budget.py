@@ -17,7 +17,7 @@ import mlx.core as mx
 from apertus_mlx.errors import ConfigError
 
 from .methods import METHODS, Target
-from .pipeline import Plan, Progress, _run_layer, collect_stats, layer_linears, packed_bytes
+from .pipeline import Plan, Progress, collect_stats, layer_linears, packed_bytes, run_layer
 from .recipe import Assignment, Budget
 
 USABLE_RAM = 0.66  # the share of a Mac's memory the GPU may wire by default
@@ -42,7 +42,7 @@ def measure_sensitivity(
     layers = range(len(model.layers))
     for i in progress(layers, "measuring sensitivity", len(layers)) if progress else layers:
         layer, prefix = model.layers[i], f"model.layers.{i}"
-        stats = collect_stats(layer, prefix, h, plan, want_hessian=False)
+        stats = collect_stats(layer, prefix, h, want_hessian=False)
         for path, linear in layer_linears(layer, prefix).items():
             if not plan[path].quantized:
                 continue
@@ -57,7 +57,7 @@ def measure_sensitivity(
                 w_hat = mx.dequantize(q.weight, q.scales, q.biases, target.group_size, target.bits, mode=target.mode)
                 diff = x @ (w - w_hat).T
                 errors[path][bits] = (diff * diff).sum().item() / norm
-        h = _run_layer(layer, h)
+        h = run_layer(layer, h)
         model.model.layers[i] = None  # release this layer's weights
     return errors
 

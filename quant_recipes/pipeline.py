@@ -65,7 +65,7 @@ class Streams:
     quantized: mx.array  # evaluation text through the quantized layers
 
 
-def _run_layer(layer: nn.Module, h: mx.array, chunk: int = 8) -> mx.array:
+def run_layer(layer: nn.Module, h: mx.array, chunk: int = 8) -> mx.array:
     outs = []
     for i in range(0, h.shape[0], chunk):
         outs.append(layer(h[i : i + chunk], "causal", None))
@@ -77,7 +77,7 @@ def layer_linears(layer: nn.Module, prefix: str) -> dict[str, nn.Linear]:
     return {f"{prefix}.{p}": m for p, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
-def collect_stats(layer: nn.Module, prefix: str, h: mx.array, plan: Plan | None, want_hessian: bool) -> dict:
+def collect_stats(layer: nn.Module, prefix: str, h: mx.array, want_hessian: bool) -> dict[str, LinearStats]:
     """Input statistics of every linear in `layer` over the calibration states `h`."""
     linears = layer_linears(layer, prefix)
     stats = {p: LinearStats(m.weight.shape[1], want_hessian=want_hessian) for p, m in linears.items()}
@@ -88,7 +88,7 @@ def collect_stats(layer: nn.Module, prefix: str, h: mx.array, plan: Plan | None,
             parent = getattr(parent, part)
         setattr(parent, parts[-1], _Recorder(getattr(parent, parts[-1]), stats[path]))
     try:
-        _run_layer(layer, h)
+        run_layer(layer, h)
     finally:
         for root, parts in parents.values():
             parent = root
@@ -163,17 +163,17 @@ def quantize_model(
     for i in progress(layers, "quantizing layers", len(layers)) if progress else layers:
         layer = model.layers[i]
         prefix = f"model.layers.{i}"
-        streams.original = _run_layer(layer, streams.original)
+        streams.original = run_layer(layer, streams.original)
         stats = {}
         if calibrated:
-            stats = collect_stats(layer, prefix, streams.calibration, plan, want_hessian)
+            stats = collect_stats(layer, prefix, streams.calibration, want_hessian)
         for path, linear in layer_linears(layer, prefix).items():
             assignment = plan[path]
             needs = assignment.quantized and assignment.method != "rtn"
             _replace(model, path, quantize_linear(linear, assignment, stats.get(path) if needs else None))
-        streams.quantized = _run_layer(layer, streams.quantized)
+        streams.quantized = run_layer(layer, streams.quantized)
         if calibrated:
-            streams.calibration = _run_layer(layer, streams.calibration)
+            streams.calibration = run_layer(layer, streams.calibration)
 
     original = inner.norm(streams.original)
     quantized = inner.norm(streams.quantized)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from quant_recipes.methods import METHODS, LinearStats, Target, awq, distill, gptq
-from quant_recipes.methods.gptq import pack_affine
+from quant_recipes.methods.affine import pack_affine
 
 CALIBRATED = {"gptq": gptq.quantize, "awq": awq.quantize, "distill": distill.quantize}
 OUT, IN, ROWS = 128, 512, 512

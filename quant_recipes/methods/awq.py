@@ -15,8 +15,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from .affine import affine_grid, check_shape, need_stats, pack_affine, round_to_grid
 from .base import METHODS, LinearStats, QuantizedWeight, Target, rtn
-from .gptq import affine_grid, check_shape, need_stats, pack_affine, round_to_grid
 
 RATIOS = np.linspace(1.0, 0.5, 21)  # steps of 2.5% of the range
 

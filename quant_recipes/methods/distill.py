@@ -17,8 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import awq, gptq
+from .affine import check_shape, need_stats, pack_affine, round_to_grid
 from .base import METHODS, LinearStats, QuantizedWeight, Target, rtn
-from .gptq import check_shape, need_stats, pack_affine
 
 SWEEPS = 6
 
@@ -29,7 +29,7 @@ def start_codes(weight: mx.array, target: Target, stats: LinearStats) -> tuple[n
         return gptq.gptq_codes(weight, target, np.array(stats.hessian))
     scales, biases = awq.clipped_grid(weight, target, np.array(stats.sample.astype(mx.float32)))
     gs, w = target.group_size, np.array(weight.astype(mx.float32))
-    codes = gptq.round_to_grid(w, np.repeat(scales, gs, axis=1), np.repeat(biases, gs, axis=1), target.bits)
+    codes = round_to_grid(w, np.repeat(scales, gs, axis=1), np.repeat(biases, gs, axis=1), target.bits)
     return codes, scales, biases
 
 
