@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             eval_sequences=args.eval_sequences,
         )
+        for warning in report["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
         print(
             f"{args.out}: {report['bits_per_weight']:.3f} bits/weight, {report['size_bytes'] / 1e6:.1f} MB, "
             f"KL {report['kl_divergence']:.5f}, top-1 {100 * report['top1_agreement']:.1f}%, "

@@ -64,6 +64,7 @@ def convert(
     if recipe.budget is not None:
         plan = _allocate_budget(src, recipe, plan, modules, parameters, calibration, progress)
 
+    warnings = _calibration_warnings(plan, modules, calibration) if recipe.needs_calibration else []
     metrics = quantize_model(model, plan, calibration if recipe.needs_calibration else None, evaluation, progress)
     report = {
         "recipe": recipe.name,
@@ -75,6 +76,7 @@ def convert(
         "calibration_tokens": int(calibration.size) if recipe.needs_calibration else 0,
         "layers": budgets.assignments_summary(plan),
         "tool": f"apertus-mlx {__version__}",
+        "warnings": warnings,
     }
     config = dict(config, quantization_recipe=_recipe_record(recipe))
     config.pop("torch_dtype", None)
@@ -123,6 +125,17 @@ def _load_bf16(src: Path) -> Any:
     return model
 
 
+def _calibration_warnings(plan: Plan, modules: dict[str, Any], calibration: mx.array) -> list[str]:
+    """Calibrated methods fit per-layer statistics; with fewer tokens than inputs they fit the sample, not the model."""
+    widths = [modules[p].weight.shape[1] for p, a in plan.items() if a.quantized and a.method != "rtn"]
+    if not widths or calibration.size >= 2 * max(widths):
+        return []
+    return [
+        f"only {calibration.size} calibration tokens for layers with up to {max(widths)} inputs; calibrated methods "
+        f"may overfit them: pass --calibration-text with at least {4 * max(widths)} tokens of representative text"
+    ]
+
+
 def _calibration_shape(recipe: Recipe) -> dict[str, int]:
     return {"count": recipe.calibration["sequences"], "length": recipe.calibration["sequence_length"]}
 
@@ -160,6 +173,7 @@ def quality_markdown(report: dict[str, Any]) -> str:
         ("calibration tokens", f"{r['calibration_tokens']}"),
         ("layers", ", ".join(f"{n} x {k}" for k, n in r["layers"].items())),
         ("conversion time", f"{r['conversion_seconds']:.1f} s"),
+        *(("warning", w) for w in r["warnings"]),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return (
