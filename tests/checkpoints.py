@@ -10,26 +10,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import ApertusConfig, ApertusForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
+from bench.yardstick.tokenizer import CHAT_TEMPLATE as CHAT_TEMPLATE_FILE
+from bench.yardstick.tokenizer import SPECIAL_TOKENS
+
 REPO = Path(__file__).resolve().parent.parent
-CHAT_TEMPLATE = (REPO / "bench" / "yardstick" / "chat_template.jinja").read_text()
-SPECIAL_TOKENS = [
-    "<unk>",
-    "<s>",
-    "</s>",
-    "<pad>",
-    "<|system_start|>",
-    "<|system_end|>",
-    "<|developer_start|>",
-    "<|developer_end|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|inner_prefix|>",
-    "<|inner_suffix|>",
-    "<|tools_prefix|>",
-    "<|tools_suffix|>",
-]
+CHAT_TEMPLATE = CHAT_TEMPLATE_FILE.read_text()
 ASSISTANT_END = SPECIAL_TOKENS.index("<|assistant_end|>")
 VOCAB = 384
 # Multilingual text for the tiny BPE: enough merges for whole words, and every byte stays encodable.
