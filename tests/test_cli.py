@@ -108,3 +108,22 @@ def test_no_model_offline_falls_back_to_the_demo_model(tmp_path):
         "note: swiss-ai/Apertus-8B-Instruct-2509 is not available offline; using the bundled demo model"
     )
     assert result.stdout.strip()
+
+
+def test_think_marks_reasoning_apart_from_the_answer(capsys):
+    from apertus_mlx.events import Done, Stats, TextDelta, ToolCall
+    from apertus_mlx.generate import _print_turn
+
+    stats = Stats(10, 10, 5, 0.1, 100.0, 50.0, 0.5)
+    events = [
+        TextDelta("Let me think.", "reasoning"),
+        TextDelta("Bern.", "answer"),
+        ToolCall("lookup", {"city": "Bern"}),
+        Done("tool_calls", stats),
+    ]
+    assert _print_turn(iter(events), show_reasoning=True) == 0
+    out, err = capsys.readouterr()
+    assert out == "[reasoning]\nLet me think.\n[answer]\nBern.\n[tool call] lookup({'city': 'Bern'})\n\n"
+    assert "generation: 5 tokens, 50.0 tok/s" in err and "stopped: tool_calls" in err
+    assert _print_turn(iter(events), show_reasoning=False) == 0
+    assert capsys.readouterr().out.startswith("Bern.\n[tool call]")  # reasoning hidden without --think
