@@ -8,6 +8,7 @@ and released once its quantized replacement is in place, so memory stays near th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -193,6 +194,35 @@ def quantize_model(
     return metrics
 
 
+class LogitComparison:
+    """Running KL(original || quantized) of next-token distributions, top-1 agreement and both perplexities."""
+
+    def __init__(self) -> None:
+        self.kl = self.agree = self.nll_original = self.nll_quantized = 0.0
+        self.count = 0
+
+    def update(self, original_logits: mx.array, quantized_logits: mx.array, tokens: mx.array) -> None:
+        """Add one batch: logits (batch, length, vocab) of both models for `tokens` (batch, length)."""
+        lp = nn.log_softmax(original_logits.astype(mx.float32), axis=-1)[:, :-1]
+        lq = nn.log_softmax(quantized_logits.astype(mx.float32), axis=-1)[:, :-1]
+        targets = tokens[:, 1:, None]
+        self.kl += (mx.exp(lp) * (lp - lq)).sum().item()
+        self.agree += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
+        self.nll_original -= mx.take_along_axis(lp, targets, axis=-1).sum().item()
+        self.nll_quantized -= mx.take_along_axis(lq, targets, axis=-1).sum().item()
+        self.count += targets.size
+
+    def result(self) -> dict[str, float]:
+        n = max(self.count, 1)
+        return {
+            "kl_divergence": self.kl / n,
+            "top1_agreement": self.agree / n,
+            "perplexity_original": math.exp(self.nll_original / n),
+            "perplexity_quantized": math.exp(self.nll_quantized / n),
+            "evaluation_tokens": self.count,
+        }
+
+
 def compare_logits(
     original: mx.array,
     quantized: mx.array,
@@ -201,22 +231,10 @@ def compare_logits(
     tokens: mx.array,
     chunk: int = 4,
 ) -> dict[str, float]:
-    """KL(original || quantized) of next-token distributions, top-1 agreement, and both perplexities."""
-    kl = agree = nll_original = nll_quantized = 0.0
-    count = 0
+    """Compare the two models' final hidden states through their heads, a few sequences at a time."""
+    comparison = LogitComparison()
     for i in range(0, original.shape[0], chunk):
-        lp = nn.log_softmax(original_head(original[i : i + chunk]).astype(mx.float32), axis=-1)[:, :-1]
-        lq = nn.log_softmax(quantized_head(quantized[i : i + chunk]).astype(mx.float32), axis=-1)[:, :-1]
-        targets = tokens[i : i + chunk, 1:, None]
-        kl += (mx.exp(lp) * (lp - lq)).sum().item()
-        agree += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
-        nll_original -= mx.take_along_axis(lp, targets, axis=-1).sum().item()
-        nll_quantized -= mx.take_along_axis(lq, targets, axis=-1).sum().item()
-        count += targets.size
-    return {
-        "kl_divergence": kl / count,
-        "top1_agreement": agree / count,
-        "perplexity_original": float(mx.exp(mx.array(nll_original / count)).item()),
-        "perplexity_quantized": float(mx.exp(mx.array(nll_quantized / count)).item()),
-        "evaluation_tokens": count,
-    }
+        comparison.update(
+            original_head(original[i : i + chunk]), quantized_head(quantized[i : i + chunk]), tokens[i : i + chunk]
+        )
+    return comparison.result()

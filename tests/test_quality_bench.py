@@ -1,0 +1,91 @@
+"""The quality benchmark (`python -m bench.quality`): its KL arithmetic, its verdicts, and a run on nano."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from apertus_mlx.load import DEMO_MODEL
+from bench.quality.__main__ import main
+from bench.quality.report import frontier, verdicts
+from quant_recipes.calibration import default_texts
+from quant_recipes.pipeline import LogitComparison
+
+
+def test_kl_top1_and_perplexity_match_numpy():
+    rng = np.random.default_rng(0)
+    p_logits = rng.normal(size=(3, 7, 11)).astype(np.float32) * 3
+    q_logits = p_logits + rng.normal(size=p_logits.shape).astype(np.float32)
+    tokens = rng.integers(0, 11, size=(3, 7))
+    comparison = LogitComparison()
+    for i in range(3):  # batches accumulate
+        comparison.update(mx.array(p_logits[i : i + 1]), mx.array(q_logits[i : i + 1]), mx.array(tokens[i : i + 1]))
+    got = comparison.result()
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(p_logits)[:, :-1], log_softmax(q_logits)[:, :-1]
+    targets = tokens[:, 1:, None]
+    assert got["kl_divergence"] == pytest.approx((np.exp(lp) * (lp - lq)).sum(-1).mean(), rel=1e-5)
+    assert got["top1_agreement"] == pytest.approx((lp.argmax(-1) == lq.argmax(-1)).mean())
+    assert got["perplexity_original"] == pytest.approx(np.exp(-np.take_along_axis(lp, targets, -1).mean()), rel=1e-5)
+    assert got["perplexity_quantized"] == pytest.approx(np.exp(-np.take_along_axis(lq, targets, -1).mean()), rel=1e-5)
+    assert got["evaluation_tokens"] == 3 * 6
+
+
+def _point(name, bpw, kl):
+    family = name.split("/")[0]
+    return {"name": name, "family": family, "bits_per_weight": bpw, "kl_divergence": kl}
+
+
+def test_verdicts_compare_against_mlx_lm_frontier_at_equal_or_fewer_bits():
+    points = [
+        _point("mlx-lm/a", 3.0, 0.30),
+        _point("mlx-lm/b", 3.5, 0.40),  # dominated by mlx-lm/a: not on their frontier, not judged
+        _point("mlx-lm/c", 4.5, 0.05),
+        _point("mlx-lm/d", 8.5, 0.001),  # outside the judged range
+        _point("apertus-mlx/x", 2.9, 0.20),
+        _point("apertus-mlx/y", 4.6, 0.01),  # better, but bigger than mlx-lm/c
+        {"name": "apertus-mlx/broken", "family": "apertus-mlx", "error": "ValueError: boom"},
+    ]
+    assert [p["name"] for p in frontier(points)] == ["apertus-mlx/x", "mlx-lm/c", "apertus-mlx/y", "mlx-lm/d"]
+    rows = verdicts(points)
+    assert [(r["mlx_lm"]["name"], r["ours"]["name"], r["ours_wins"]) for r in rows] == [
+        ("mlx-lm/a", "apertus-mlx/x", True),
+        ("mlx-lm/c", "apertus-mlx/x", False),
+    ]
+
+
+def test_harness_runs_end_to_end_on_nano(tmp_path):
+    calibration, evaluation = tmp_path / "calibration.txt", tmp_path / "evaluation.txt"
+    for path, text in zip((calibration, evaluation), default_texts(), strict=True):
+        path.write_text(text, encoding="utf-8")
+    out = tmp_path / "report" / "quality.md"
+    only = ["apertus-mlx/int2-g64", "apertus-mlx/int4-g64", "mlx-lm/rtn-4-g64", "mlx-lm/mixed_3_6"]
+    args = ["--model", str(DEMO_MODEL), "--calibration-text", str(calibration), "--eval-text", str(evaluation)]
+    args += ["--out", str(out), "--eval-sequences", "2", "--sequence-length", "128", "--calibration-sequences", "2"]
+    main([*args, "--only", *only])
+
+    results = json.loads(out.with_suffix(".json").read_text())
+    points = {p["name"]: p for p in results["points"]}
+    assert sorted(points) == sorted(only)
+    assert all("error" not in p for p in points.values()), points
+    # Our uniform recipe is plain round-to-nearest, as mlx-lm's convert: one evaluator must give them one number.
+    assert points["apertus-mlx/int4-g64"]["kl_divergence"] == pytest.approx(points["mlx-lm/rtn-4-g64"]["kl_divergence"])
+    assert points["apertus-mlx/int4-g64"]["bits_per_weight"] == pytest.approx(4.5, abs=0.05)
+    assert points["apertus-mlx/int2-g64"]["kl_divergence"] > 5 * points["apertus-mlx/int4-g64"]["kl_divergence"]
+    assert results["setup"]["evaluation_tokens"] == 2 * 127
+
+    page = out.read_text()
+    assert "## Verdict" in page and "![KL divergence against bits per weight](quality.png)" in page
+    assert all(f"`{name}`" in page for name in only)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --resume keeps what was measured and runs only what is missing.
+    main([*args, "--only", *only, "mlx-lm/rtn-2-g64", "--resume"])
+    again = json.loads(out.with_suffix(".json").read_text())["points"]
+    assert [p["name"] for p in again][:4] == [p["name"] for p in results["points"]]
+    assert again[-1]["name"] == "mlx-lm/rtn-2-g64" and len(again) == 5
