@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-text", type=Path, required=True, help="held-out UTF-8 text to measure on")
     ap.add_argument("--out", type=Path, required=True, help="Markdown page to write; .json and .png go beside it")
     ap.add_argument("--only", nargs="+", metavar="GLOB", help="contender names to run, e.g. 'mlx-lm/rtn-4-*'")
-    ap.add_argument("--resume", action="store_true", help="keep the points already in the .json and run the rest")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the points already in the .json (failed ones too) and run the rest"
+    )
     ap.add_argument("--list", action="store_true", help="print the contenders and exit")
     ap.add_argument("--eval-sequences", type=int, default=64)
     ap.add_argument("--sequence-length", type=int, default=512)
@@ -107,10 +109,11 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(
                 f"{previous} was measured with other settings ({earlier['setup'].get('arguments')}); drop --resume"
             )
-        points = [p for p in earlier["points"] if "error" not in p]
+        points = earlier["points"]
     done = {p["name"] for p in points}
     todo = [c for c in contenders if c.name not in done]
-    command = "python -m bench.quality " + shlex.join(argv)
+    # The command that makes these points from scratch (a resumed run only continues it).
+    command = "python -m bench.quality " + shlex.join(a for a in argv if a != "--resume")
     if not todo:  # everything asked for is measured: only the page and plot are rewritten
         write_outputs({"setup": dict(earlier["setup"], command=command), "points": points}, args.out)
     else:
@@ -155,9 +158,11 @@ def run_all(todo: list[Contender], points: list[dict[str, Any]], args, setup: di
 
 
 def _versions() -> str:
-    from importlib.metadata import version
+    import mlx_lm
 
-    return ", ".join(f"{pkg} {version(pkg)}" for pkg in ("apertus-mlx", "mlx", "mlx-lm"))
+    import apertus_mlx
+
+    return f"apertus-mlx {apertus_mlx.__version__}, mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}"
 
 
 if __name__ == "__main__":

@@ -53,6 +53,6 @@ def pack_affine(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, targe
     words = np.ascontiguousarray(packed).view("<u4")
     return QuantizedWeight(
         mx.array(words.astype(np.uint32)),
-        mx.array(scales.astype(np.float32)).astype(dtype),
-        mx.array(biases.astype(np.float32)).astype(dtype),
+        mx.array(np.ascontiguousarray(scales, dtype=np.float32)).astype(dtype),
+        mx.array(np.ascontiguousarray(biases, dtype=np.float32)).astype(dtype),
     )
