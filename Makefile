@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROMPT ?= Grüezi! Was ist die Hauptstadt der Schweiz?
 MODEL ?=
 
-.PHONY: setup chat test lint format
+.PHONY: setup chat test lint format quality
 
 setup: $(VENV)/.installed
 
@@ -29,3 +29,11 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# The quantization comparison on the yardstick `small` model (docs/quality.md); the corpus needs Debian's apt.
+SAMPLES := bench/yardstick/data/samples
+quality: setup
+	test -f bench/yardstick/data/corpus/train.jsonl || $(PY) -m bench.yardstick.corpus --update
+	$(PY) -m bench.yardstick.samples --out $(SAMPLES)
+	$(PY) -m bench.quality --model bench/yardstick/models/small --calibration-text $(SAMPLES)/calibration.txt \
+		--eval-text $(SAMPLES)/evaluation.txt --out docs/quality.md

@@ -1,9 +1,9 @@
 """Budget recipes: choose each layer's bit width from its measured sensitivity to fit a size target.
 
-Sensitivity is the relative output error ||X (W - Q_b(W))^T||^2 / ||X W^T||^2 of every linear layer
-at every candidate width b, on its real calibration inputs X. A greedy allocation then starts every
-layer at the narrowest width and repeatedly widens the layer whose error drops most per extra byte,
-while the total stays within the budget.
+Sensitivity is the relative output error ||X (W - Q_b(W))^T||^2 / ||X W^T||^2 of every linear layer,
+the head and the embedding at every candidate width b, on their real calibration inputs X. A greedy
+allocation then starts every module at the narrowest width and repeatedly widens the one whose error
+drops most per extra byte, while the total stays within the budget.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from apertus_mlx.errors import ConfigError
 
@@ -22,6 +23,9 @@ from .recipe import Assignment, Budget
 
 USABLE_RAM = 0.66  # the share of a Mac's memory the GPU may wire by default
 RUNTIME_OVERHEAD = 0.5e9  # activations, buffers, the app itself
+EMBED, HEAD = "model.embed_tokens", "lm_head"
+HEAD_ROWS = 1024  # final hidden states used for the head: its logits are the largest product measured
+ROW_BLOCK = 8192  # weight rows dequantized at a time, so a 131k-row head never sits in float32 whole
 
 
 def target_bytes(budget: Budget, parameters: int, kv_bytes_per_token: int) -> float:
@@ -36,29 +40,67 @@ def target_bytes(budget: Budget, parameters: int, kv_bytes_per_token: int) -> fl
 def measure_sensitivity(
     model: Any, plan: Plan, calibration: mx.array, choices: tuple[int, ...], progress: Progress | None = None
 ) -> dict[str, dict[int, float]]:
-    """Relative output error of each budgeted linear at each width. Consumes `model`'s layers to bound memory."""
+    """Relative output error of each budgeted module at each width. Consumes `model`'s layers to bound memory.
+
+    The embedding and the head are measured too (the head is a tenth of an 8B model's weights): the
+    embedding on the rows the calibration text looks up, the head on the final hidden states. A tied
+    embedding is one tensor in both roles, so its two errors add up.
+    """
     errors: dict[str, dict[int, float]] = {}
-    h = model.model.embed_tokens(calibration)
+    inner = model.model
+    embed = inner.embed_tokens
+    if plan[EMBED].quantized:
+        errors[EMBED] = _lookup_errors(embed.weight, calibration, plan[EMBED], choices)
+    h = embed(calibration)
     layers = range(len(model.layers))
     for i in progress(layers, "measuring sensitivity", len(layers)) if progress else layers:
         layer, prefix = model.layers[i], f"model.layers.{i}"
         stats = collect_stats(layer, prefix, h, want_hessian=False)
         for path, linear in layer_linears(layer, prefix).items():
-            if not plan[path].quantized:
-                continue
-            x = stats[path].sample
-            w = linear.weight.astype(mx.float32)
-            reference = x @ w.T
-            norm = (reference * reference).sum().item() or 1.0
-            errors[path] = {}
-            for bits in choices:
-                target = Target(bits, plan[path].group_size, plan[path].mode)
-                q = METHODS["rtn"](w, target, None)
-                w_hat = mx.dequantize(q.weight, q.scales, q.biases, target.group_size, target.bits, mode=target.mode)
-                diff = x @ (w - w_hat).T
-                errors[path][bits] = (diff * diff).sum().item() / norm
+            if plan[path].quantized:
+                errors[path] = _output_errors(stats[path].sample, linear.weight, plan[path], choices)
         h = run_layer(layer, h)
-        model.model.layers[i] = None  # release this layer's weights
+        inner.layers[i] = None  # release this layer's weights
+    final = inner.norm(h).reshape(-1, h.shape[-1])[:HEAD_ROWS]
+    if model.args.tie_word_embeddings:
+        if plan[EMBED].quantized:
+            head = _output_errors(final, embed.weight, plan[EMBED], choices)
+            errors[EMBED] = {b: errors[EMBED][b] + head[b] for b in choices}
+    elif plan[HEAD].quantized:
+        errors[HEAD] = _output_errors(final, model.lm_head.weight, plan[HEAD], choices)
+    return errors
+
+
+def _rounded(w: mx.array, assignment: Assignment, bits: int) -> mx.array:
+    target = Target(bits, assignment.group_size, assignment.mode)
+    q = METHODS["rtn"](w, target, None)
+    return mx.dequantize(q.weight, q.scales, q.biases, target.group_size, target.bits, mode=target.mode)
+
+
+def _output_errors(x: mx.array, weight: mx.array, assignment: Assignment, choices) -> dict[int, float]:
+    """||X (W - Q_b(W))^T||^2 / ||X W^T||^2 for each width b, over blocks of output rows."""
+    x = x.astype(mx.float32)
+    norm, diffs = 0.0, dict.fromkeys(choices, 0.0)
+    for start in range(0, weight.shape[0], ROW_BLOCK):
+        w = weight[start : start + ROW_BLOCK].astype(mx.float32)
+        reference = x @ w.T
+        norm += (reference * reference).sum().item()
+        for bits in choices:
+            diff = x @ (w - _rounded(w, assignment, bits)).T
+            diffs[bits] += (diff * diff).sum().item()
+    return {b: d / (norm or 1.0) for b, d in diffs.items()}
+
+
+def _lookup_errors(weight: mx.array, tokens: mx.array, assignment: Assignment, choices) -> dict[int, float]:
+    """Relative error of the embedding rows the tokens look up (groups run along rows, so rows quantize alone)."""
+    ids, counts = np.unique(np.array(tokens).reshape(-1), return_counts=True)
+    rows = weight[mx.array(ids)].astype(mx.float32)
+    weights = mx.array(counts.astype(np.float32))[:, None]
+    norm = (weights * rows * rows).sum().item() or 1.0
+    errors = {}
+    for bits in choices:
+        diff = rows - _rounded(rows, assignment, bits)
+        errors[bits] = (weights * diff * diff).sum().item() / norm
     return errors
 
 

@@ -14,7 +14,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 
 import apertus_mlx
 from apertus_mlx import ConfigError
-from quant_recipes import pipeline
+from quant_recipes import budget, pipeline
 from quant_recipes.calibration import default_texts, token_sequences
 from quant_recipes.convert import convert
 from quant_recipes.recipe import load_recipe, parse_recipe, shipped_recipes
@@ -111,6 +111,22 @@ def test_budget_recipe_meets_its_target(source, tmp_path, target):
         weights = sum(a.nbytes for _, a in tree_flatten(apertus_mlx.load_model(tmp_path / "b").parameters()))
         assert weights == pytest.approx(target["size_gb"] * 1e9, rel=0.02) and weights <= target["size_gb"] * 1e9
     assert len(report["layers"]) > 1  # the widths really differ between layers
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_budget_measures_every_module_including_embedding_and_head(tmp_path, tied):
+    src = save_reference(make_reference(hidden=128, intermediate=256, layers=2, tie=tied, seed=5), tmp_path / "m")
+    model = apertus_mlx.load_model(src)
+    recipe = parse_recipe({"name": "b", "bits": 4, "group_size": 64, "budget": {"bits_per_weight": 3}})
+    plan = {p: recipe.assign(p, 2) for p in pipeline.quantizable_modules(model)}
+    tokens = mx.array(np.random.default_rng(0).integers(0, 384, size=(2, 64)))
+    lookup = budget._lookup_errors(model.model.embed_tokens.weight, tokens, plan["model.embed_tokens"], (2, 8))
+    errors = budget.measure_sensitivity(model, plan, tokens, (2, 4, 8))
+    assert set(errors) == set(plan)  # the head (or the tied embedding in both roles) is allocated too
+    for path, by_bits in errors.items():
+        assert by_bits[2] > by_bits[4] > by_bits[8] > 0, path
+    # Tied, the embedding's error adds its role as the head to the rows it looks up.
+    assert (errors["model.embed_tokens"][2] > 1.5 * lookup[2]) == tied
 
 
 def test_budget_that_cannot_be_met(source, tmp_path):
