@@ -1,9 +1,10 @@
 """Budget recipes: choose each layer's bit width from its measured sensitivity to fit a size target.
 
-Sensitivity is the relative output error ||X (W - Q_b(W))^T||^2 / ||X W^T||^2 of every linear layer,
-the head and the embedding at every candidate width b, on their real calibration inputs X. A greedy
-allocation then starts every module at the narrowest width and repeatedly widens the one whose error
-drops most per extra byte, while the total stays within the budget.
+Sensitivity is the share of the signal that rounding a module to width b perturbs, on calibration text:
+for a decoder layer's projection, the change of the layer's output (the residual stream); for the
+embedding, of the rows looked up; for the head, of its logits. A greedy allocation then starts every
+module at the narrowest width and repeatedly widens the one whose error drops most per extra byte,
+while the total stays within the budget.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import numpy as np
 from apertus_mlx.errors import ConfigError
 
 from .methods import METHODS, Target
-from .pipeline import Plan, Progress, collect_stats, layer_linears, packed_bytes, run_layer
+from .pipeline import Plan, Progress, layer_linears, packed_bytes, run_layer
 from .recipe import Assignment, Budget
 
 USABLE_RAM = 0.66  # the share of a Mac's memory the GPU may wire by default
 RUNTIME_OVERHEAD = 0.5e9  # activations, buffers, the app itself
 EMBED, HEAD = "model.embed_tokens", "lm_head"
 HEAD_ROWS = 1024  # final hidden states used for the head: its logits are the largest product measured
+SAMPLE_SEQUENCES = 4  # calibration windows each decoder layer is re-run on, once per projection and width
 ROW_BLOCK = 8192  # weight rows dequantized at a time, so a 131k-row head never sits in float32 whole
 
 
@@ -40,11 +42,15 @@ def target_bytes(budget: Budget, parameters: int, kv_bytes_per_token: int) -> fl
 def measure_sensitivity(
     model: Any, plan: Plan, calibration: mx.array, choices: tuple[int, ...], progress: Progress | None = None
 ) -> dict[str, dict[int, float]]:
-    """Relative output error of each budgeted module at each width. Consumes `model`'s layers to bound memory.
+    """The error each budgeted module adds at each width, as a share of the signal it perturbs.
 
-    The embedding and the head are measured too (the head is a tenth of an 8B model's weights): the
-    embedding on the rows the calibration text looks up, the head on the final hidden states. A tied
-    embedding is one tensor in both roles, so its two errors add up.
+    Consumes `model`'s layers to bound memory. A decoder layer's projections are judged by what reaches the
+    residual stream: the layer is run with one projection rounded, and the change of its output is taken
+    relative to that output. (Ranked by each projection's own relative output error instead, a 3.5-bit
+    budget on the yardstick `small` model did worse than uniform 3-bit: KL 0.40 against 0.28.)
+    The embedding is measured on the rows the calibration text looks up, which are the residual stream
+    at its start, and the head on its logits from the final hidden states. A tied embedding is one tensor
+    in both roles, so its two errors add up.
     """
     errors: dict[str, dict[int, float]] = {}
     inner = model.model
@@ -55,10 +61,10 @@ def measure_sensitivity(
     layers = range(len(model.layers))
     for i in progress(layers, "measuring sensitivity", len(layers)) if progress else layers:
         layer, prefix = model.layers[i], f"model.layers.{i}"
-        stats = collect_stats(layer, prefix, h, want_hessian=False)
+        sample = h[:SAMPLE_SEQUENCES]
         for path, linear in layer_linears(layer, prefix).items():
             if plan[path].quantized:
-                errors[path] = _output_errors(stats[path].sample, linear.weight, plan[path], choices)
+                errors[path] = _residual_errors(layer, linear, sample, plan[path], choices)
         h = run_layer(layer, h)
         inner.layers[i] = None  # release this layer's weights
     final = inner.norm(h).reshape(-1, h.shape[-1])[:HEAD_ROWS]
@@ -75,6 +81,24 @@ def _rounded(w: mx.array, assignment: Assignment, bits: int) -> mx.array:
     target = Target(bits, assignment.group_size, assignment.mode)
     q = METHODS["rtn"](w, target, None)
     return mx.dequantize(q.weight, q.scales, q.biases, target.group_size, target.bits, mode=target.mode)
+
+
+def _residual_errors(
+    layer: Any, linear: Any, h: mx.array, assignment: Assignment, choices: tuple[int, ...]
+) -> dict[int, float]:
+    """||layer(h) with `linear` rounded - layer(h)||^2 / ||layer(h)||^2 for each width."""
+    reference = run_layer(layer, h).astype(mx.float32)
+    energy = (reference * reference).sum().item() or 1.0
+    weight = linear.weight
+    errors = {}
+    try:
+        for bits in choices:
+            linear.weight = _rounded(weight.astype(mx.float32), assignment, bits).astype(weight.dtype)
+            diff = run_layer(layer, h).astype(mx.float32) - reference
+            errors[bits] = (diff * diff).sum().item() / energy
+    finally:
+        linear.weight = weight
+    return errors
 
 
 def _output_errors(x: mx.array, weight: mx.array, assignment: Assignment, choices) -> dict[int, float]:

@@ -21,6 +21,7 @@ from apertus_mlx.model import Model
 
 from .methods import METHODS, LinearStats, QuantizedWeight, Target
 from .recipe import Assignment
+from .scaling import scale_layer
 
 Plan = dict[str, Assignment]
 Progress = Callable[[Iterator[Any], str, int], Iterator[Any]]
@@ -168,6 +169,7 @@ def quantize_model(
         stats = {}
         if calibrated:
             stats = collect_stats(layer, prefix, streams.calibration, want_hessian)
+            scale_layer(layer, prefix, plan, stats)  # the original stream has passed this layer already
         for path, linear in layer_linears(layer, prefix).items():
             assignment = plan[path]
             needs = assignment.quantized and assignment.method != "rtn"

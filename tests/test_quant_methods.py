@@ -7,8 +7,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from quant_recipes import scaling
 from quant_recipes.methods import METHODS, LinearStats, Target, awq, distill, gptq
 from quant_recipes.methods.affine import pack_affine
+from quant_recipes.recipe import Assignment
 
 CALIBRATED = {"gptq": gptq.quantize, "awq": awq.quantize, "distill": distill.quantize}
 OUT, IN, ROWS = 128, 512, 512
@@ -147,3 +149,48 @@ def test_float_modes_fall_back_to_rtn(calibrated_layer, name):
     ours, theirs = CALIBRATED[name](weight, target, stats), METHODS["rtn"](weight, target, None)
     assert np.array_equal(np.array(ours.weight), np.array(theirs.weight))
     assert np.array_equal(np.array(ours.scales), np.array(theirs.scales))
+
+
+def test_activation_aware_scale_beats_plain_rounding_on_held_out_inputs(calibrated_layer):
+    weight, stats, held_out = calibrated_layer
+    assignment = Assignment(3, 64, "affine", "awq")
+    s = scaling.search_scale(stats.sample, [weight], [assignment])
+    plain = scaling.rounding_error(held_out, weight, mx.ones_like(s), assignment)
+    assert scaling.rounding_error(held_out, weight, s, assignment) < 0.8 * plain
+    assert not mx.allclose(s, mx.ones_like(s)).item()  # the search moved away from a = 0
+
+
+def test_rescaled_statistics_equal_those_of_rescaled_inputs():
+    x = mx.array(np.random.default_rng(0).normal(size=(2, 40, 16)).astype(np.float32))
+    factor = mx.array(np.linspace(0.5, 2.0, 16).astype(np.float32))
+    stats, direct = LinearStats(16), LinearStats(16)
+    stats.update(x)
+    stats.rescale(factor)
+    direct.update(x * factor)
+    for a, b in ((stats.hessian, direct.hessian), (stats.abs_mean, direct.abs_mean), (stats.sample, direct.sample)):
+        assert mx.allclose(a, b, rtol=1e-5, atol=1e-5).item()
+
+
+def test_folding_scales_into_the_norm_keeps_the_layer_exact():
+    from apertus_mlx.model import DecoderLayer, ModelArgs
+
+    args = ModelArgs.from_config(
+        {"model_type": "apertus", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1}
+        | {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "rope_theta": 1e4}
+    )
+    block = DecoderLayer(args)
+    x = mx.array(np.random.default_rng(1).normal(size=(2, 24, 128)).astype(np.float32))
+    # Trained norms are not all ones, and a few channels carry most of the activation.
+    block.attention_layernorm.weight = mx.array(np.exp(np.random.default_rng(2).normal(0, 1, 128)).astype(np.float32))
+    before = block(x, "causal", None)
+    prefix = "model.layers.0"
+    paths = [f"{prefix}.{n}" for names in scaling.GROUPS.values() for n in names]
+    plan = {p: Assignment(3, 64, "affine", "awq") for p in paths}
+    channel = mx.array(np.exp(np.random.default_rng(3).normal(0, 1.5, 128)).astype(np.float32))
+    stats = {p: LinearStats(128) for p in paths}
+    for p in stats.values():
+        p.update(x * channel)  # calibration inputs with channel structure, so the search picks real scales
+    gain = block.attention_layernorm.weight
+    scaling.scale_layer(block, prefix, plan, stats)
+    assert not mx.allclose(block.attention_layernorm.weight, gain).item()
+    assert mx.allclose(block(x, "causal", None), before, rtol=1e-4, atol=1e-4).item()

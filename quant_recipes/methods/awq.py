@@ -5,9 +5,9 @@ other weights. Which wins depends on the inputs, so for every (output row, input
 1.0 .. 0.5 of the group's [min, max] and keep the one with the least output error ||X_g (w_g - ŵ_g)^T||²
 on the calibration sample (Lin et al., 2023, "AWQ", clipping search).
 
-AWQ's other half, activation-aware *scaling* (multiply salient input channels up, divide the previous
-layer's output down), changes the preceding norm or linear layer, so it belongs to the model-level
-pipeline and is not done here.
+AWQ's other half, activation-aware *scaling* (multiply salient input channels up, divide the preceding
+norm's gain down), changes the layer before, so the pipeline does it (`quant_recipes/scaling.py`) before
+this clip search sees the weights.
 """
 
 from __future__ import annotations

@@ -54,6 +54,14 @@ class LinearStats:
             self._sampled += keep.shape[0]
         mx.eval(self.hessian, self.abs_sum, *self._samples[-1:])
 
+    def rescale(self, factor: mx.array) -> None:
+        """The statistics of inputs x * factor (per input channel), e.g. after a scale is folded into the norm."""
+        if self.hessian is not None:
+            self.hessian = self.hessian * factor[:, None] * factor[None, :]
+        self.abs_sum = self.abs_sum * factor
+        self._samples = [x * factor for x in self._samples]
+        mx.eval(self.hessian, self.abs_sum, *self._samples)
+
     @property
     def abs_mean(self) -> mx.array:
         return self.abs_sum / max(self.rows, 1)
