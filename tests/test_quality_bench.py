@@ -11,6 +11,7 @@ from bench.quality.__main__ import main
 from bench.quality.report import frontier, verdicts
 from quant_recipes.calibration import default_texts
 from quant_recipes.pipeline import LogitComparison
+from quant_recipes.recipe import load_recipe
 
 
 def test_kl_top1_and_perplexity_match_numpy():
@@ -78,6 +79,7 @@ def test_harness_runs_end_to_end_on_nano(tmp_path):
     assert points["apertus-mlx/int4-g64"]["bits_per_weight"] == pytest.approx(4.5, abs=0.05)
     assert points["apertus-mlx/int2-g64"]["kl_divergence"] > 5 * points["apertus-mlx/int4-g64"]["kl_divergence"]
     assert results["setup"]["evaluation_tokens"] == 2 * 127
+    assert points["apertus-mlx/int4-g64"]["recipe_hash"] == load_recipe("int4-g64").content_hash
 
     page = out.read_text()
     assert "## Verdict" in page and "![KL divergence against bits per weight](quality.png)" in page

@@ -44,6 +44,8 @@ def run_contender(contender: Contender, source: Path, data: Data, ref, scratch: 
         contender.make(source, out, data)
         point["conversion_seconds"] = round(time.perf_counter() - start, 2)
         point.update(measure(out, ref))
+        if (out / "quality.json").is_file():  # ours: which version of the recipe made this point
+            point["recipe_hash"] = json.loads((out / "quality.json").read_text())["recipe_hash"]
     except Exception as error:  # one tool failing must not cost the other sixty points
         traceback.print_exc()
         point["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
