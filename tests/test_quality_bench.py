@@ -91,3 +91,11 @@ def test_harness_runs_end_to_end_on_nano(tmp_path):
     again = json.loads(out.with_suffix(".json").read_text())["points"]
     assert [p["name"] for p in again][:4] == [p["name"] for p in results["points"]]
     assert again[-1]["name"] == "mlx-lm/rtn-2-g64" and len(again) == 5
+
+
+def test_a_missing_text_file_is_one_line_naming_it(tmp_path):
+    args = ["--model", str(DEMO_MODEL), "--calibration-text", str(tmp_path / "none.txt")]
+    args += ["--eval-text", str(tmp_path / "none.txt"), "--out", str(tmp_path / "q.md"), "--only", "mlx-lm/rtn-4-g64"]
+    with pytest.raises(SystemExit, match=r"^error: text file .*none.txt does not exist$"):
+        main(args)
+    assert not (tmp_path / "q.md").exists()

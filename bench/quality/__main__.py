@@ -7,6 +7,7 @@ import fnmatch
 import json
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 from tqdm import tqdm
 
+from apertus_mlx.errors import ApertusError
 from apertus_mlx.load import load_tokenizer, resolve
 from quant_recipes.calibration import read_text, token_sequences
 
@@ -49,6 +51,8 @@ def run_contender(contender: Contender, source: Path, data: Data, ref, scratch: 
     except Exception as error:  # one tool failing must not cost the other sixty points
         traceback.print_exc()
         point["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # sixty-five 8B outputs would not fit on a disk
     mx.clear_cache()
     return point
 
@@ -119,7 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     if not todo:  # everything asked for is measured: only the page and plot are rewritten
         write_outputs({"setup": dict(earlier["setup"], command=command), "points": points}, args.out)
     else:
-        points = run_all(todo, points, args, dict(command=command, arguments=arguments))
+        try:
+            points = run_all(todo, points, args, dict(command=command, arguments=arguments))
+        except ApertusError as error:  # a missing model or text file: one line, not a traceback
+            raise SystemExit(f"error: {error}") from None
     print(f"wrote {args.out}, {args.out.with_suffix('.json')}, {args.out.with_suffix('.png')}")
 
 
