@@ -2,7 +2,8 @@
 
 Each contender is a function `make(source, out_dir, data)` that writes one quantized checkpoint. mlx-lm's
 calibrated tools normally download their calibration text; here they get the same text as ours, as
-token windows of their default length (`Data.calibration`), so no method sees better data than another.
+512-token windows by default (`Data.calibration`; the length mlx_lm.gptq and mlx_lm.awq use), so no method
+sees better data than another.
 """
 
 from __future__ import annotations
