@@ -121,6 +121,11 @@ def test_budget_measures_every_module_including_embedding_and_head(tmp_path, tie
     plan = {p: recipe.assign(p, 2) for p in pipeline.quantizable_modules(model)}
     tokens = mx.array(np.random.default_rng(0).integers(0, 384, size=(2, 64)))
     lookup = budget._lookup_errors(model.model.embed_tokens.weight, tokens, plan["model.embed_tokens"], (2, 8))
+    # Trying widths on a projection leaves the layer as it was.
+    layer, h = model.layers[0], model.model.embed_tokens(tokens)
+    before = layer(h, "causal", None)
+    budget._residual_errors(layer, layer.mlp.down_proj, h, plan["model.layers.0.mlp.down_proj"], (2, 8))
+    assert mx.array_equal(layer(h, "causal", None), before).item()
     errors = budget.measure_sensitivity(model, plan, tokens, (2, 4, 8))
     assert set(errors) == set(plan)  # the head (or the tied embedding in both roles) is allocated too
     for path, by_bits in errors.items():
