@@ -20,6 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-text", type=Path, help="UTF-8 text for calibration (default: shipped multilingual)")
     p.add_argument("--eval-text", type=Path, help="UTF-8 held-out text for the quality report")
     p.add_argument("--eval-sequences", type=int, default=16, help="held-out sequences for the report (default 16)")
+    target = p.add_argument_group("size target (budget recipes)", "aim a budget recipe at another size than its file")
+    aim = target.add_mutually_exclusive_group()
+    aim.add_argument("--bits-per-weight", type=float, metavar="BPW", help="average bits per weight, e.g. 3.3")
+    aim.add_argument("--size-gb", type=float, metavar="GB", help="bytes of weights, in GB, e.g. 4.2")
+    aim.add_argument("--ram-gb", type=float, metavar="GB", help="fit a Mac with this much memory, e.g. 16")
+    target.add_argument("--context", type=int, metavar="TOKENS", help="with --ram-gb: context to leave room for")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
     return p
@@ -45,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
         recipe = load_recipe(args.recipe)
+        aims = {k: getattr(args, k) for k in ("bits_per_weight", "size_gb", "ram_gb", "context")}
+        if any(v is not None for v in aims.values()):
+            recipe = recipe.with_target(**aims)
         report = convert(
             args.model,
             recipe,

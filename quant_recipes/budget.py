@@ -1,10 +1,11 @@
-"""Budget recipes: choose each layer's bit width from its measured sensitivity to fit a size target.
+"""Budget recipes: choose each module's width (bits and group size) from its measured sensitivity to fit a target.
 
-Sensitivity is the share of the signal that rounding a module to width b perturbs, on calibration text:
+Sensitivity is the share of the signal that rounding a module to a width perturbs, on calibration text:
 for a decoder layer's projection, the change of the layer's output (the residual stream); for the
-embedding, of the rows looked up; for the head, of its logits. A greedy allocation then starts every
-module at the narrowest width and repeatedly widens the one whose error drops most per extra byte,
-while the total stays within the budget.
+embedding, of the rows looked up; for the head, of its logits. Each module's widths are reduced to the
+lower convex hull of (bytes, error), the ones no mix of its other widths beats; a greedy allocation
+then starts every module at its smallest width and repeatedly takes the step along a hull whose error
+drops most per extra byte, while the total stays within the budget.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from apertus_mlx.errors import ConfigError
 from .methods import METHODS, Target
 from .pipeline import Plan, Progress, layer_linears, packed_bytes, run_layer
 from .recipe import Assignment, Budget
+
+Width = tuple[int, int]  # (bits, group_size)
+Errors = dict[str, dict[Width, float]]
 
 USABLE_RAM = 0.66  # the share of a Mac's memory the GPU may wire by default
 RUNTIME_OVERHEAD = 0.5e9  # activations, buffers, the app itself
@@ -40,8 +44,8 @@ def target_bytes(budget: Budget, parameters: int, kv_bytes_per_token: int) -> fl
 
 
 def measure_sensitivity(
-    model: Any, plan: Plan, calibration: mx.array, choices: tuple[int, ...], progress: Progress | None = None
-) -> dict[str, dict[int, float]]:
+    model: Any, plan: Plan, calibration: mx.array, widths: tuple[Width, ...], progress: Progress | None = None
+) -> Errors:
     """The error each budgeted module adds at each width, as a share of the signal it perturbs.
 
     Consumes `model`'s layers to bound memory. A decoder layer's projections are judged by what reaches the
@@ -54,11 +58,11 @@ def measure_sensitivity(
     at its start, and the head on its logits from the final hidden states. A tied embedding is one tensor
     in both roles, so its two errors add up.
     """
-    errors: dict[str, dict[int, float]] = {}
+    errors: Errors = {}
     inner = model.model
     embed = inner.embed_tokens
     if plan[EMBED].quantized:
-        errors[EMBED] = _lookup_errors(embed.weight, calibration, plan[EMBED], choices)
+        errors[EMBED] = _lookup_errors(embed.weight, calibration, plan[EMBED], widths)
     h = embed(calibration)
     layers = range(len(model.layers))
     for i in progress(layers, "measuring sensitivity", len(layers)) if progress else layers:
@@ -66,113 +70,131 @@ def measure_sensitivity(
         sample = h[:SAMPLE_SEQUENCES]
         for path, linear in layer_linears(layer, prefix).items():
             if plan[path].quantized:
-                errors[path] = _residual_errors(layer, linear, sample, plan[path], choices)
+                errors[path] = _residual_errors(layer, linear, sample, plan[path], widths)
         h = run_layer(layer, h)
         inner.layers[i] = None  # release this layer's weights
     final = inner.norm(h).reshape(-1, h.shape[-1])[:HEAD_ROWS]
     if model.args.tie_word_embeddings:
         if plan[EMBED].quantized:
-            head = _output_errors(final, embed.weight, plan[EMBED], choices)
-            errors[EMBED] = {b: errors[EMBED][b] + head[b] for b in choices}
+            head = _output_errors(final, embed.weight, plan[EMBED], widths)
+            errors[EMBED] = {w: errors[EMBED][w] + head[w] for w in widths}
     elif plan[HEAD].quantized:
-        errors[HEAD] = _output_errors(final, model.lm_head.weight, plan[HEAD], choices)
+        errors[HEAD] = _output_errors(final, model.lm_head.weight, plan[HEAD], widths)
     return errors
 
 
-def _rounded(w: mx.array, assignment: Assignment, bits: int) -> mx.array:
-    target = Target(bits, assignment.group_size, assignment.mode)
+def _rounded(w: mx.array, assignment: Assignment, width: Width) -> mx.array:
+    target = Target(*width, assignment.mode)
     q = METHODS["rtn"](w, target, None)
     return mx.dequantize(q.weight, q.scales, q.biases, target.group_size, target.bits, mode=target.mode)
 
 
 def _residual_errors(
-    layer: Any, linear: Any, h: mx.array, assignment: Assignment, choices: tuple[int, ...]
-) -> dict[int, float]:
+    layer: Any, linear: Any, h: mx.array, assignment: Assignment, widths: tuple[Width, ...]
+) -> dict[Width, float]:
     """||layer(h) with `linear` rounded - layer(h)||^2 / ||layer(h)||^2 for each width."""
     reference = run_layer(layer, h).astype(mx.float32)
     energy = (reference * reference).sum().item() or 1.0
     weight = linear.weight
     errors = {}
     try:
-        for bits in choices:
-            linear.weight = _rounded(weight.astype(mx.float32), assignment, bits).astype(weight.dtype)
+        for width in widths:
+            linear.weight = _rounded(weight.astype(mx.float32), assignment, width).astype(weight.dtype)
             diff = run_layer(layer, h).astype(mx.float32) - reference
-            errors[bits] = (diff * diff).sum().item() / energy
+            errors[width] = (diff * diff).sum().item() / energy
     finally:
         linear.weight = weight
     return errors
 
 
-def _output_errors(x: mx.array, weight: mx.array, assignment: Assignment, choices) -> dict[int, float]:
-    """||X (W - Q_b(W))^T||^2 / ||X W^T||^2 for each width b, over blocks of output rows."""
+def _output_errors(x: mx.array, weight: mx.array, assignment: Assignment, widths) -> dict[Width, float]:
+    """||X (W - Q(W))^T||^2 / ||X W^T||^2 for each width, over blocks of output rows."""
     x = x.astype(mx.float32)
-    norm, diffs = 0.0, dict.fromkeys(choices, 0.0)
+    norm, diffs = 0.0, dict.fromkeys(widths, 0.0)
     for start in range(0, weight.shape[0], ROW_BLOCK):
         w = weight[start : start + ROW_BLOCK].astype(mx.float32)
         reference = x @ w.T
         norm += (reference * reference).sum().item()
-        for bits in choices:
-            diff = x @ (w - _rounded(w, assignment, bits)).T
-            diffs[bits] += (diff * diff).sum().item()
-    return {b: d / (norm or 1.0) for b, d in diffs.items()}
+        for width in widths:
+            diff = x @ (w - _rounded(w, assignment, width)).T
+            diffs[width] += (diff * diff).sum().item()
+    return {k: d / (norm or 1.0) for k, d in diffs.items()}
 
 
-def _lookup_errors(weight: mx.array, tokens: mx.array, assignment: Assignment, choices) -> dict[int, float]:
+def _lookup_errors(weight: mx.array, tokens: mx.array, assignment: Assignment, widths) -> dict[Width, float]:
     """Relative error of the embedding rows the tokens look up (groups run along rows, so rows quantize alone)."""
     ids, counts = np.unique(np.array(tokens).reshape(-1), return_counts=True)
     rows = weight[mx.array(ids)].astype(mx.float32)
     weights = mx.array(counts.astype(np.float32))[:, None]
     norm = (weights * rows * rows).sum().item() or 1.0
     errors = {}
-    for bits in choices:
-        diff = rows - _rounded(rows, assignment, bits)
-        errors[bits] = (weights * diff * diff).sum().item() / norm
+    for width in widths:
+        diff = rows - _rounded(rows, assignment, width)
+        errors[width] = (weights * diff * diff).sum().item() / norm
     return errors
 
 
-def allocate(
-    plan: Plan,
-    modules: dict[str, Any],
-    errors: dict[str, dict[int, float]],
-    budget_bytes: float,
-    choices: tuple[int, ...],
-) -> Plan:
-    """Widen the budgeted layers greedily, best error reduction per byte first, within `budget_bytes`."""
+def allocate(plan: Plan, modules: dict[str, Any], errors: Errors, budget_bytes: float) -> Plan:
+    """Widen the budgeted modules greedily, best error reduction per byte first, within `budget_bytes`."""
     fixed = sum(packed_bytes(modules[p], a) for p, a in plan.items() if p not in errors)
-    bits = {p: choices[0] for p in errors}
-    size = {p: packed_bytes(modules[p], replace(plan[p], bits=choices[0])) for p in errors}
-    total = fixed + sum(size.values())
+    hulls = {p: _hull(modules[p], plan[p], by_width) for p, by_width in errors.items()}
+    step = dict.fromkeys(hulls, 0)
+    total = fixed + sum(hull[0][0] for hull in hulls.values())
     if total > budget_bytes:
+        narrowest = min(w for by_width in errors.values() for w in by_width)
         raise ConfigError(
-            f"the budget of {budget_bytes / 1e9:.3f} GB cannot be met: even {choices[0]}-bit layers "
-            f"need {total / 1e9:.3f} GB"
+            f"the budget of {budget_bytes / 1e9:.4f} GB cannot be met: even {narrowest[0]}-bit layers in groups of "
+            f"{narrowest[1]} need {total / 1e9:.4f} GB"
         )
-    heap: list[tuple[float, str, int]] = []
+    heap: list[tuple[float, str]] = []
 
     def push(path: str) -> None:
-        k = choices.index(bits[path])
-        if k + 1 < len(choices):
-            wider = choices[k + 1]
-            extra = packed_bytes(modules[path], replace(plan[path], bits=wider)) - size[path]
-            gain = errors[path][bits[path]] - errors[path][wider]
-            heapq.heappush(heap, (-gain / max(extra, 1), path, wider))
+        hull, k = hulls[path], step[path]
+        if k + 1 < len(hull):
+            (size, error, _), (wider, lower, _) = hull[k], hull[k + 1]
+            heapq.heappush(heap, ((lower - error) / (wider - size), path))
 
-    for path in errors:
+    for path in hulls:
         push(path)
     while heap:
-        _, path, wider = heapq.heappop(heap)
-        new_size = packed_bytes(modules[path], replace(plan[path], bits=wider))
-        if total - size[path] + new_size <= budget_bytes:
-            total += new_size - size[path]
-            bits[path], size[path] = wider, new_size
+        _, path = heapq.heappop(heap)
+        hull, k = hulls[path], step[path]
+        extra = hull[k + 1][0] - hull[k][0]
+        if total + extra <= budget_bytes:
+            total += extra
+            step[path] = k + 1
             push(path)
-    return {p: replace(a, bits=bits[p]) if p in bits else a for p, a in plan.items()}
+    chosen = {p: hulls[p][step[p]][2] for p in hulls}
+    return {p: replace(a, bits=chosen[p][0], group_size=chosen[p][1]) if p in chosen else a for p, a in plan.items()}
+
+
+def _hull(module: Any, assignment: Assignment, by_width: dict[Width, float]) -> list[tuple[int, float, Width]]:
+    """(bytes, error, width) of the widths on the lower convex hull, smallest first.
+
+    A width off the hull is beaten by a mix of its neighbours at the same bytes, so the greedy never needs it;
+    on the hull, each step's error drop per byte is smaller than the one before, which makes greedy steps sound.
+    """
+    points = sorted(
+        (packed_bytes(module, replace(assignment, bits=b, group_size=g)), e, (b, g)) for (b, g), e in by_width.items()
+    )
+    hull: list[tuple[int, float, Width]] = []
+    for point in points:
+        if hull and point[1] >= hull[-1][1]:
+            continue  # more bytes and no less error
+        while len(hull) >= 2 and _slope(hull[-2], hull[-1]) >= _slope(hull[-1], point):
+            hull.pop()
+        hull.append(point)
+    return hull
+
+
+def _slope(a: tuple[int, float, Width], b: tuple[int, float, Width]) -> float:
+    return (b[1] - a[1]) / (b[0] - a[0])
 
 
 def assignments_summary(plan: Plan) -> dict[str, int]:
     """How many modules got each width (`fp` for full precision)."""
     counts: dict[str, int] = {}
     for a in plan.values():
-        key = f"{a.bits}-bit" if isinstance(a, Assignment) and a.quantized else "fp"
+        key = f"{a.bits}-bit g{a.group_size}" if isinstance(a, Assignment) and a.quantized else "fp"
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))

@@ -75,6 +75,7 @@ def convert(
         **metrics,
         "calibration_tokens": int(calibration.size) if recipe.needs_calibration else 0,
         "layers": budgets.assignments_summary(plan),
+        "budget": recipe.budget.target if recipe.budget else None,
         "tool": f"apertus-mlx {__version__}",
         "warnings": warnings,
     }
@@ -147,18 +148,22 @@ def _allocate_budget(src, recipe, plan, modules, parameters, calibration, progre
     target = budgets.target_bytes(recipe.budget, parameters, kv_per_token)
     module_parameters = sum(m.weight.size for m in modules.values())
     other = (parameters - module_parameters) * 2  # norms and xIELU scalars stay in bf16
-    errors = budgets.measure_sensitivity(measured, plan, calibration, recipe.budget.choices, progress)
-    return budgets.allocate(plan, modules, errors, target - other, recipe.budget.choices)
+    widths = recipe.budget.widths(recipe.group_size)
+    errors = budgets.measure_sensitivity(measured, plan, calibration, widths, progress)
+    return budgets.allocate(plan, modules, errors, target - other)
 
 
 def _recipe_record(recipe: Recipe) -> dict[str, Any]:
-    return {
+    record = {
         "name": recipe.name,
         "content_sha256": recipe.content_hash,
         "tool": f"apertus-mlx {__version__}",
         # Calibrated methods still write mlx-lm's affine layout, so both runtimes read every output.
         "readable_by": ["apertus-mlx", "mlx-lm"],
     }
+    if recipe.budget is not None:
+        record["budget"] = recipe.budget.target  # the command line may have aimed it elsewhere than its file
+    return record
 
 
 def quality_markdown(report: dict[str, Any]) -> str:
@@ -171,6 +176,7 @@ def quality_markdown(report: dict[str, Any]) -> str:
         ("perplexity: original -> quantized", f"{r['perplexity_original']:.3f} -> {r['perplexity_quantized']:.3f}"),
         ("evaluation tokens", f"{r['evaluation_tokens']}"),
         ("calibration tokens", f"{r['calibration_tokens']}"),
+        *((("size target", r["budget"]),) if r.get("budget") else ()),
         ("layers", ", ".join(f"{n} x {k}" for k, n in r["layers"].items())),
         ("conversion time", f"{r['conversion_seconds']:.1f} s"),
         *(("warning", w) for w in r["warnings"]),

@@ -18,9 +18,10 @@ A recipe is a small TOML file:
     sequences = 32
     sequence_length = 256
 
-    [budget]                      # optional: let measured sensitivity choose bits per module
+    [budget]                      # optional: let measured sensitivity choose each module's width
     bits_per_weight = 3.5         # or size_gb = 4.2, or ram_gb = 8 with context = 8192
-    choices = [2, 3, 4, 6]
+    choices = [2, 3, 4, 6]        # bit widths to choose from
+    group_sizes = [64, 128]       # group sizes to choose from (default: the recipe's group_size)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import fnmatch
 import hashlib
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,19 @@ class Budget:
     ram_gb: float | None = None
     context: int = 8192
     choices: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    group_sizes: tuple[int, ...] = ()  # empty: the recipe's group size
+
+    def widths(self, group_size: int) -> tuple[tuple[int, int], ...]:
+        """Every (bits, group_size) a module may get."""
+        return tuple((b, g) for b in self.choices for g in self.group_sizes or (group_size,))
+
+    @property
+    def target(self) -> str:
+        if self.bits_per_weight is not None:
+            return f"{self.bits_per_weight:g} bits per weight"
+        if self.size_gb is not None:
+            return f"{self.size_gb:g} GB of weights"
+        return f"a {self.ram_gb:g} GB Mac with a {self.context}-token context"
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,24 @@ class Recipe:
     def needs_calibration(self) -> bool:
         methods = {self.method} | {r.settings.get("method", self.method) for r in self.rules}
         return self.budget is not None or bool(methods - {"rtn"})
+
+    def with_target(
+        self,
+        bits_per_weight: float | None = None,
+        size_gb: float | None = None,
+        ram_gb: float | None = None,
+        context: int | None = None,
+    ) -> Recipe:
+        """This budget recipe aimed at another target; what is not given keeps the recipe's value."""
+        if self.budget is None:
+            raise ConfigError(f"recipe {self.name} has no [budget] table, so it takes no size target")
+        b = self.budget
+        aims = {"bits_per_weight": bits_per_weight, "size_gb": size_gb, "ram_gb": ram_gb}
+        if all(v is None for v in aims.values()):
+            aims = {"bits_per_weight": b.bits_per_weight, "size_gb": b.size_gb, "ram_gb": b.ram_gb}
+        table = {k: v for k, v in aims.items() if v is not None}
+        table.update(context=context or b.context, choices=list(b.choices), group_sizes=list(b.group_sizes))
+        return replace(self, budget=_parse_budget(table, f"recipe {self.name}"))
 
     def assign(self, path: str, num_layers: int) -> Assignment:
         """The assignment of the module at `path` (e.g. `model.layers.3.mlp.up_proj`)."""
@@ -150,7 +182,7 @@ def shipped_recipes() -> list[Recipe]:
 _TOP = {"name", "description", "bits", "group_size", "mode", "method", "rules", "calibration", "budget"}
 _RULE = {"match", "layers", "bits", "group_size", "mode", "method", "keep"}
 _CALIBRATION = {"sequences", "sequence_length"}
-_BUDGET = {"bits_per_weight", "size_gb", "ram_gb", "context", "choices"}
+_BUDGET = {"bits_per_weight", "size_gb", "ram_gb", "context", "choices", "group_sizes"}
 
 
 def parse_recipe(data: dict[str, Any], where: str = "recipe", source: str = "") -> Recipe:
@@ -190,6 +222,8 @@ def parse_recipe(data: dict[str, Any], where: str = "recipe", source: str = "") 
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{where}: calibration.{key} must be a positive integer, got {value!r}")
         calibration.update(data["calibration"])
+    if "budget" in data and settings["mode"] != "affine":
+        raise ConfigError(f"{where}: a budget chooses affine widths; mode {settings['mode']} has one fixed width")
     return Recipe(
         name=data["name"],
         description=data.get("description", ""),
@@ -223,13 +257,23 @@ def _parse_budget(data: Any, where: str) -> Budget:
     targets = [k for k in ("bits_per_weight", "size_gb", "ram_gb") if k in data]
     if len(targets) != 1:
         raise ConfigError(f"{at}: give exactly one of bits_per_weight, size_gb, ram_gb")
-    choices = tuple(data.get("choices", Budget.choices))
-    if not choices or any(b not in BITS for b in choices):
+    choices = data.get("choices", Budget.choices)
+    if not isinstance(choices, (list, tuple)) or not choices or any(b not in BITS for b in choices):
         raise ConfigError(f"{at}: choices must be bit widths from {', '.join(map(str, BITS))}")
+    groups = data.get("group_sizes", ())
+    if not isinstance(groups, (list, tuple)) or any(g not in GROUP_SIZES for g in groups):
+        raise ConfigError(f"{at}: group_sizes must be from {', '.join(map(str, GROUP_SIZES))}")
     value = data[targets[0]]
-    if not isinstance(value, (int, float)) or value <= 0:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{at}: {targets[0]} must be a positive number, got {value!r}")
-    return Budget(**{k: v for k, v in data.items() if k != "choices"}, choices=tuple(sorted(choices)))
+    context = data.get("context", Budget.context)
+    if not isinstance(context, int) or context < 1:
+        raise ConfigError(f"{at}: context must be a positive number of tokens, got {context!r}")
+    return Budget(
+        **{k: v for k, v in data.items() if k not in ("choices", "group_sizes")},
+        choices=tuple(sorted(set(choices))),
+        group_sizes=tuple(sorted(set(groups))),
+    )
 
 
 def _no_unknown(table: dict[str, Any], known: set[str], where: str) -> None:

@@ -102,7 +102,8 @@ def test_mixed_recipe_bits_land_where_its_rules_say(source, tmp_path):
 
 @pytest.mark.parametrize("target", [{"bits_per_weight": 3.5}, {"bits_per_weight": 2.8}, {"size_gb": 0.0004}])
 def test_budget_recipe_meets_its_target(source, tmp_path, target):
-    recipe = parse_recipe({"name": "b", "bits": 4, "group_size": 64, "budget": {**target, "choices": [2, 3, 4, 6]}})
+    table = {**target, "choices": [2, 3, 4, 6], "group_sizes": [64, 128]}
+    recipe = parse_recipe({"name": "b", "bits": 4, "group_size": 64, "budget": table})
     report = convert(source, recipe, tmp_path / "b", eval_sequences=2)
     if "bits_per_weight" in target:
         assert report["bits_per_weight"] == pytest.approx(target["bits_per_weight"], rel=0.02)
@@ -110,7 +111,9 @@ def test_budget_recipe_meets_its_target(source, tmp_path, target):
     else:
         weights = sum(a.nbytes for _, a in tree_flatten(apertus_mlx.load_model(tmp_path / "b").parameters()))
         assert weights == pytest.approx(target["size_gb"] * 1e9, rel=0.02) and weights <= target["size_gb"] * 1e9
-    assert len(report["layers"]) > 1  # the widths really differ between layers
+    widths = set(quantized_layers(apertus_mlx.load_model(tmp_path / "b")).values())
+    assert len(widths) > 1 and widths <= {(b, g) for b in (2, 3, 4, 6) for g in (64, 128)}
+    assert set(report["layers"]) == {f"{b}-bit g{g}" for b, g in widths} and sum(report["layers"].values()) == 38
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -120,25 +123,98 @@ def test_budget_measures_every_module_including_embedding_and_head(tmp_path, tie
     recipe = parse_recipe({"name": "b", "bits": 4, "group_size": 64, "budget": {"bits_per_weight": 3}})
     plan = {p: recipe.assign(p, 2) for p in pipeline.quantizable_modules(model)}
     tokens = mx.array(np.random.default_rng(0).integers(0, 384, size=(2, 64)))
-    lookup = budget._lookup_errors(model.model.embed_tokens.weight, tokens, plan["model.embed_tokens"], (2, 8))
+    narrow, wide = (2, 64), (8, 64)
+    lookup = budget._lookup_errors(model.model.embed_tokens.weight, tokens, plan["model.embed_tokens"], (narrow,))
     # Trying widths on a projection leaves the layer as it was.
     layer, h = model.layers[0], model.model.embed_tokens(tokens)
     before = layer(h, "causal", None)
-    budget._residual_errors(layer, layer.mlp.down_proj, h, plan["model.layers.0.mlp.down_proj"], (2, 8))
+    budget._residual_errors(layer, layer.mlp.down_proj, h, plan["model.layers.0.mlp.down_proj"], (narrow, wide))
     assert mx.array_equal(layer(h, "causal", None), before).item()
-    errors = budget.measure_sensitivity(model, plan, tokens, (2, 4, 8))
+    widths = ((2, 128), (2, 64), (4, 64), (8, 64))
+    errors = budget.measure_sensitivity(model, plan, tokens, widths)
     assert set(errors) == set(plan)  # the head (or the tied embedding in both roles) is allocated too
-    for path, by_bits in errors.items():
-        assert by_bits[2] > by_bits[4] > by_bits[8] > 0, path
+    for path, by_width in errors.items():
+        assert by_width[2, 128] > by_width[2, 64] > by_width[4, 64] > by_width[8, 64] > 0, path
     # Tied, the embedding's error adds its role as the head to the rows it looks up.
-    assert (errors["model.embed_tokens"][2] > 1.5 * lookup[2]) == tied
+    assert (errors["model.embed_tokens"][narrow] > 1.5 * lookup[narrow]) == tied
+
+
+def _linear(rows: int, cols: int) -> nn.Linear:
+    return nn.Linear(cols, rows, bias=False)
+
+
+def test_budget_allocation_takes_the_best_error_drop_per_byte():
+    a4 = parse_recipe({"name": "b", "bits": 4, "group_size": 64}).assign("x", 1)
+    modules = {"a": _linear(64, 256), "b": _linear(64, 256)}
+    plan = {"a": a4, "b": a4}
+    size = {
+        w: pipeline.packed_bytes(modules["a"], dataclasses.replace(a4, bits=w[0], group_size=w[1]))
+        for w in [(2, 128), (2, 64), (3, 128), (4, 64)]
+    }
+    # (2, 64) costs more than (2, 128) and barely helps: a mix of its neighbours beats it, so it is never taken.
+    errors = {
+        "a": {(2, 128): 1.0, (2, 64): 0.95, (3, 128): 0.3, (4, 64): 0.1},
+        "b": {(2, 128): 0.2, (2, 64): 0.19, (3, 128): 0.1, (4, 64): 0.05},
+    }
+    hull = [w for _, _, w in budget._hull(modules["a"], a4, errors["a"])]
+    assert hull == [(2, 128), (3, 128), (4, 64)]
+    # Room for one step: `a` gains 0.7 for it, `b` only 0.1.
+    one_step = 2 * size[2, 128] + size[3, 128] - size[2, 128]
+    chosen = budget.allocate(plan, modules, errors, one_step)
+    assert (chosen["a"].bits, chosen["a"].group_size) == (3, 128)
+    assert (chosen["b"].bits, chosen["b"].group_size) == (2, 128)
+    # More room never makes the summed error worse, and every plan fits its budget.
+    previous = float("inf")
+    for room in range(2 * size[2, 128], 2 * size[4, 64] + 1, 256):
+        chosen = budget.allocate(plan, modules, errors, room)
+        widths = {p: (a.bits, a.group_size) for p, a in chosen.items()}
+        assert sum(size[w] for w in widths.values()) <= room
+        assert (2, 64) not in widths.values()
+        total = sum(errors[p][w] for p, w in widths.items())
+        assert total <= previous
+        previous = total
+    assert previous == pytest.approx(0.15)  # everything at its widest
 
 
 def test_budget_that_cannot_be_met(source, tmp_path):
     recipe = parse_recipe({"name": "b", "bits": 4, "group_size": 64, "budget": {"bits_per_weight": 1.0}})
-    with pytest.raises(ConfigError, match="cannot be met: even 2-bit layers need"):
+    with pytest.raises(ConfigError, match="cannot be met: even 2-bit layers in groups of 64 need"):
         convert(source, recipe, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_budget_recipe_takes_its_target_from_the_command_line(source, tmp_path):
+    out = tmp_path / "b"
+    result = run_cli(
+        "--model",
+        str(source),
+        "--recipe",
+        "budget",
+        "--bits-per-weight",
+        "3.3",
+        "--out",
+        str(out),
+        "--eval-sequences",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "quality.json").read_text())
+    assert 3.3 * 0.98 <= report["bits_per_weight"] <= 3.3 and report["budget"] == "3.3 bits per weight"
+    recorded = json.loads((out / "config.json").read_text())["quantization_recipe"]
+    assert recorded["name"] == "budget" and recorded["budget"] == "3.3 bits per weight"
+    assert "| size target | 3.3 bits per weight |" in (out / "QUALITY.md").read_text()
+    # Only budget recipes take a target.
+    result = run_cli("--model", str(source), "--recipe", "int4-g64", "--ram-gb", "8", "--out", str(tmp_path / "x"))
+    assert result.returncode == 1 and not (tmp_path / "x").exists()
+    assert result.stderr.strip() == "error: recipe int4-g64 has no [budget] table, so it takes no size target"
+
+
+def test_a_new_target_keeps_the_recipe_widths():
+    recipe = load_recipe("budget-8gb-mac").with_target(ram_gb=16)
+    assert recipe.budget.ram_gb == 16 and recipe.budget.context == 8192 and recipe.budget.bits_per_weight is None
+    assert recipe.budget.widths(64) == load_recipe("budget-8gb-mac").budget.widths(64)
+    assert recipe.budget.target == "a 16 GB Mac with a 8192-token context"
+    assert load_recipe("budget").with_target(size_gb=4.2).budget.target == "4.2 GB of weights"
 
 
 def test_mlx_lm_loads_our_output_with_the_same_logits(uniform):
@@ -193,6 +269,14 @@ def test_existing_output_is_not_overwritten_by_default(source, uniform, tmp_path
         ({"name": "x", "bits": 4, "group_size": 64, "rules": [{"match": "*", "bitz": 2}]}, "unknown key 'bitz'"),
         ({"name": "x", "bits": 4, "group_size": 64, "budget": {"ram_gb": 8, "size_gb": 2}}, "exactly one of"),
         ({"name": "x", "bits": 4, "group_size": 64, "calibration": {"sequences": 0}}, "calibration.sequences must"),
+        (
+            {"name": "x", "bits": 4, "group_size": 64, "budget": {"size_gb": 2, "group_sizes": [48]}},
+            "r.toml: budget: group_sizes must be from 32, 64, 128",
+        ),
+        (
+            {"name": "x", "bits": 4, "group_size": 32, "mode": "mxfp4", "budget": {"size_gb": 2}},
+            "r.toml: a budget chooses affine widths; mode mxfp4 has one fixed width",
+        ),
     ],
 )
 def test_bad_recipes_name_the_key(recipe, message):
@@ -212,7 +296,7 @@ def test_recipe_files_that_cannot_be_read(tmp_path):
 def test_shipped_recipes_are_valid():
     names = {r.name for r in shipped_recipes()}
     assert {f"int{b}-g{g}" for b in (2, 3, 4, 5, 6, 8) for g in (32, 64)} <= names
-    assert {"apertus-mixed-2", "apertus-mixed-3", "apertus-mixed-4", "budget-3.5bpw", "budget-8gb-mac"} <= names
+    assert {"apertus-mixed-2", "apertus-mixed-3", "apertus-mixed-4", "budget", "budget-8gb-mac"} <= names
     assert {f"{m}-{b}-g64" for m in ("gptq", "awq", "distill") for b in (2, 3, 4)} <= names
 
 

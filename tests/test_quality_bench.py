@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from apertus_mlx.load import DEMO_MODEL
-from bench.quality.__main__ import main
+from bench.quality.__main__ import budget_matches, main
 from bench.quality.report import frontier, verdicts
 from quant_recipes.calibration import default_texts
 from quant_recipes.pipeline import LogitComparison
@@ -58,6 +58,19 @@ def test_verdicts_compare_against_mlx_lm_frontier_at_equal_or_fewer_bits():
         ("mlx-lm/a", "apertus-mlx/x", True),
         ("mlx-lm/c", "apertus-mlx/x", False),
     ]
+
+
+def test_our_budget_is_run_at_the_size_of_each_mlx_lm_frontier_point():
+    points = [
+        _point("mlx-lm/a", 2.958, 0.60),
+        _point("mlx-lm/b", 3.254, 0.38),
+        _point("mlx-lm/c", 3.504, 0.50),  # dominated: no budget point for it
+        _point("mlx-lm/d", 8.502, 0.001),  # outside the judged range
+        _point("apertus-mlx/x", 3.0, 0.1),  # ours do not set the sizes
+        {"name": "mlx-lm/broken", "family": "mlx-lm", "error": "ValueError: boom"},
+    ]
+    # Rounded down, so ours is never the bigger of the two.
+    assert [c.name for c in budget_matches(points)] == ["apertus-mlx/budget@2.95bpw", "apertus-mlx/budget@3.25bpw"]
 
 
 def test_harness_runs_end_to_end_on_nano(tmp_path):

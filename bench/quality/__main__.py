@@ -23,7 +23,7 @@ from apertus_mlx.load import load_tokenizer, resolve
 from quant_recipes.calibration import read_text, token_sequences
 
 from . import report
-from .contenders import Contender, Data, all_contenders
+from .contenders import MLX_LM, Contender, Data, all_contenders, matched_budgets
 from .measure import measure, reference
 
 COMPARABLE = (
@@ -96,14 +96,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibration-length", type=int, default=512)
     args = ap.parse_args(argv)
 
-    contenders = all_contenders()
-    if args.only:
-        contenders = [c for c in contenders if any(fnmatch.fnmatchcase(c.name, g) for g in args.only)]
-        if not contenders:
-            ap.error(f"--only {' '.join(args.only)} matches no contender (see --list)")
+    def selected(contenders: list[Contender]) -> list[Contender]:
+        globs = args.only or ["*"]
+        return [c for c in contenders if any(fnmatch.fnmatchcase(c.name, g) for g in globs)]
+
+    contenders = selected(all_contenders())
+    matching = bool(selected(matched_budgets([4.0])))  # is our budget at mlx-lm's sizes asked for?
+    if not contenders and not matching:
+        ap.error(f"--only {' '.join(args.only)} matches no contender (see --list)")
     if args.list:
         print("\n".join(c.name for c in contenders))
+        if matching:
+            print("apertus-mlx/budget@<bpw>: at the size of each of mlx-lm's Pareto-optimal points, once measured")
         return
+
+    def pending(points: list[dict[str, Any]]) -> list[Contender]:
+        """What is still to run; our budget's sizes follow from mlx-lm's measured points."""
+        done = {p["name"] for p in points}
+        wanted = contenders + (selected(budget_matches(points)) if matching else [])
+        return [c for c in wanted if c.name not in done]
 
     # Points are comparable only when measured on the same model, texts and windows.
     arguments = {k: str(getattr(args, k)) for k in COMPARABLE}
@@ -116,22 +127,30 @@ def main(argv: list[str] | None = None) -> None:
                 f"{previous} was measured with other settings ({earlier['setup'].get('arguments')}); drop --resume"
             )
         points = earlier["points"]
-    done = {p["name"] for p in points}
-    todo = [c for c in contenders if c.name not in done]
     # The command that makes these points from scratch (a resumed run only continues it).
     command = "python -m bench.quality " + shlex.join(a for a in argv if a != "--resume")
-    if not todo:  # everything asked for is measured: only the page and plot are rewritten
+    if not pending(points):  # everything asked for is measured: only the page and plot are rewritten
+        if not points:
+            ap.error("nothing to run: our budget's sizes come from mlx-lm's points; measure those first")
         write_outputs({"setup": dict(earlier["setup"], command=command), "points": points}, args.out)
     else:
         try:
-            points = run_all(todo, points, args, dict(command=command, arguments=arguments))
+            points = run_all(pending, points, args, dict(command=command, arguments=arguments))
         except ApertusError as error:  # a missing model or text file: one line, not a traceback
             raise SystemExit(f"error: {error}") from None
     print(f"wrote {args.out}, {args.out.with_suffix('.json')}, {args.out.with_suffix('.png')}")
 
 
-def run_all(todo: list[Contender], points: list[dict[str, Any]], args, setup: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run `todo`, appending to `points` and rewriting the outputs after each one, so a long run keeps its work."""
+def budget_matches(points: list[dict[str, Any]]) -> list[Contender]:
+    """Our budget recipe at the size of each of mlx-lm's Pareto-optimal points in the judged span."""
+    theirs = report.frontier([p for p in points if p["family"] == MLX_LM])
+    return matched_budgets(
+        [p["bits_per_weight"] for p in theirs if report.RANGE[0] <= p["bits_per_weight"] <= report.RANGE[1]]
+    )
+
+
+def run_all(pending, points: list[dict[str, Any]], args, setup: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run what `pending(points)` asks for until nothing is left, rewriting the outputs after each point."""
     source = resolve(args.model)
     ref = reference(source, args.eval_text, args.eval_sequences, args.sequence_length)
     text = read_text(args.calibration_text)
@@ -155,14 +174,16 @@ def run_all(todo: list[Contender], points: list[dict[str, Any]], args, setup: di
         "device": device_name(),
     }
     with tempfile.TemporaryDirectory(prefix="apertus-quality-") as scratch:
-        bar = tqdm(todo, desc="contenders", unit="model")
-        for contender in bar:
-            bar.set_postfix_str(contender.name)
-            point = run_contender(contender, source, data, ref, Path(scratch))
-            points.append(point)
-            shown = point.get("error") or f"{point['bits_per_weight']:.3f} bpw, KL {point['kl_divergence']:.4f}"
-            tqdm.write(f"{contender.name}: {shown}")
-            write_outputs({"setup": setup, "points": points}, args.out)
+        # Two rounds at most: the fixed contenders, then our budget at the sizes their results call for.
+        while todo := pending(points):
+            bar = tqdm(todo, desc="contenders", unit="model")
+            for contender in bar:
+                bar.set_postfix_str(contender.name)
+                point = run_contender(contender, source, data, ref, Path(scratch))
+                points.append(point)
+                shown = point.get("error") or f"{point['bits_per_weight']:.3f} bpw, KL {point['kl_divergence']:.4f}"
+                tqdm.write(f"{contender.name}: {shown}")
+                write_outputs({"setup": setup, "points": points}, args.out)
     return points
 
 

@@ -9,6 +9,7 @@ sees better data than another.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,21 @@ def ours(recipe_name: str) -> Contender:
         convert(source, load_recipe(recipe_name), out, data.calibration_text, data.evaluation_text, eval_sequences=1)
 
     return Contender(f"{OURS}/{recipe_name}", OURS, make)
+
+
+def ours_budget(bits_per_weight: float) -> Contender:
+    """Our `budget` recipe aimed at `bits_per_weight`."""
+
+    def make(source: Path, out: Path, data: Data) -> None:
+        recipe = load_recipe("budget").with_target(bits_per_weight=bits_per_weight)
+        convert(source, recipe, out, data.calibration_text, data.evaluation_text, eval_sequences=1)
+
+    return Contender(f"{OURS}/budget@{bits_per_weight:.2f}bpw", OURS, make)
+
+
+def matched_budgets(sizes: list[float]) -> list[Contender]:
+    """Our budget recipe at each of these sizes (bits per weight, rounded down to 0.01, so never above)."""
+    return [ours_budget(bpw) for bpw in sorted({math.floor(s * 100) / 100 for s in sizes})]
 
 
 def mlx_rtn(bits: int, group_size: int) -> Contender:
