@@ -27,13 +27,9 @@ from mlx_lm.sample_utils import make_sampler
 
 import apertus_mlx
 from apertus_mlx import ChatSession, SamplingOptions
-from apertus_mlx.model import Model, ModelArgs
 
-SMALL = Path(__file__).resolve().parent / "yardstick" / "models" / "small"
-SHAPES = {  # published Apertus shapes (hidden, layers, MLP, heads, kv heads, vocab, tied)
-    "8b": (4096, 32, 21504, 32, 8, 131072, False),
-    "1b": (2048, 16, 8192, 16, 8, 131072, True),
-}
+from .shapes import SHAPES, SMALL, random_model, save_layer_by_layer
+
 TEXT = (
     "Apertus ist ein vollständig offenes Sprachmodell aus der Schweiz. It was trained on openly licensed "
     "data in more than a thousand languages. Le modèle respecte les demandes de retrait des sites web. "
@@ -47,20 +43,7 @@ def log(message: str) -> None:
 def prepare_weights(args, workdir: Path) -> Path:
     """An MLX checkpoint both implementations read: the given model re-saved, or random weights of a shape."""
     if args.shape:
-        hidden, layers, mlp, heads, kv_heads, vocab, tied = SHAPES[args.shape]
-        config = json.loads((SMALL / "config.json").read_text())
-        config.update(
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            intermediate_size=mlp,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            vocab_size=vocab,
-            tie_word_embeddings=tied,
-            head_dim=hidden // heads,
-        )
-        model = Model(ModelArgs.from_config(config))
-        model.set_dtype(mx.bfloat16)
+        model, config = random_model(args.shape)
         source = SMALL  # tokenizer and chat template
     else:
         source = apertus_mlx.resolve(args.model or SMALL)
@@ -68,11 +51,7 @@ def prepare_weights(args, workdir: Path) -> Path:
         config = json.loads((source / "config.json").read_text())
     if args.bits and not isinstance(model.layers[0].mlp.up_proj, nn.QuantizedLinear):
         nn.quantize(model, group_size=args.group_size, bits=args.bits)
-    for i, layer in enumerate(model.layers):  # materialise one layer at a time: random 8B is 32 GB in fp32
-        mx.eval(layer.parameters())
-        log(f"weights: layer {i + 1}/{len(model.layers)}")
-    log(f"writing the benchmark checkpoint to {workdir / 'weights'}")
-    return apertus_mlx.save_model(workdir / "weights", model, config, copy_from=source)
+    return save_layer_by_layer(model, config, workdir / "weights", copy_from=source)
 
 
 def median(values: list[float]) -> float:
