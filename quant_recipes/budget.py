@@ -1,11 +1,13 @@
 """Budget recipes: choose each module's width (bits and group size) from its measured sensitivity to fit a target.
 
-Sensitivity is the share of the signal that rounding a module to a width perturbs, on calibration text:
-for a decoder layer's projection, the change of the layer's output (the residual stream); for the
-embedding, of the rows looked up; for the head, of its logits. Each module's widths are reduced to the
-lower convex hull of (bytes, error), the ones no mix of its other widths beats; a greedy allocation
-then starts every module at its smallest width and repeatedly takes the step along a hull whose error
-drops most per extra byte, while the total stays within the budget.
+Sensitivity is the KL divergence of next-token distributions that rounding a module to a width adds, on
+calibration text. For the head it is measured exactly. For a decoder layer's projection it is the share of
+the residual stream that the rounding changes at the layer's output, times that point's gain: the KL a
+small random change of that relative size, injected there, causes at the output. The embedding is the
+residual stream before the first layer. Each module's widths are reduced to the lower convex hull of
+(bytes, KL), the ones no mix of its other widths beats; a greedy allocation then starts every module at
+its smallest width and repeatedly takes the step along a hull whose KL drops most per extra byte, while
+the total stays within the budget.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from dataclasses import replace
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from apertus_mlx.errors import ConfigError
 
 from .methods import METHODS, Target
 from .pipeline import Plan, Progress, layer_linears, packed_bytes, run_layer
-from .recipe import Assignment, Budget
+from .recipe import Assignment, Budget, layer_index
 
 Width = tuple[int, int]  # (bits, group_size)
 Errors = dict[str, dict[Width, float]]
@@ -32,6 +35,8 @@ EMBED, HEAD = "model.embed_tokens", "lm_head"
 HEAD_ROWS = 1024  # final hidden states used for the head: its logits are the largest product measured
 SAMPLE_SEQUENCES = 4  # calibration windows each decoder layer is re-run on, once per projection and width
 ROW_BLOCK = 8192  # weight rows dequantized at a time, so a 131k-row head never sits in float32 whole
+TOKEN_BLOCK = 128  # rows of logits at a time: 128 x 131k float32 is 67 MB
+PROBE = 3e-2  # relative RMS of the random change injected to measure a point's gain: small, yet far above bf16's
 
 
 def target_bytes(budget: Budget, parameters: int, kv_bytes_per_token: int) -> float:
@@ -46,41 +51,75 @@ def target_bytes(budget: Budget, parameters: int, kv_bytes_per_token: int) -> fl
 def measure_sensitivity(
     model: Any, plan: Plan, calibration: mx.array, widths: tuple[Width, ...], progress: Progress | None = None
 ) -> Errors:
-    """The error each budgeted module adds at each width, as a share of the signal it perturbs.
+    """The KL divergence each budgeted module adds at each width.
 
     Consumes `model`'s layers to bound memory. A decoder layer's projections are judged by what reaches the
     residual stream: the layer is run with one projection rounded, and the change of its output is taken
-    relative to that output. On the yardstick `small` model, a 3.5-bit budget measured this way (on one
-    window) has KL 0.215 on train-split text where uniform 3-bit has 0.283; ranked by each projection's own
-    relative output error instead, it had 0.397.
+    relative to that output. That share becomes KL through the gain of the layer's output (see the module's
+    docstring): probes, copies of the sample with a random change injected after the embedding and after
+    each layer, travel along with the sample, and their KL at the output over the change's energy is the gain.
 
     The embedding is measured on the rows the calibration text looks up, which are the residual stream
     at its start, and the head on its logits from the final hidden states. A tied embedding is one tensor
     in both roles, so its two errors add up.
     """
-    errors: Errors = {}
     inner = model.model
     embed = inner.embed_tokens
+    shares: Errors = {}  # of the residual stream, before gains
     if plan[EMBED].quantized:
-        errors[EMBED] = _lookup_errors(embed.weight, calibration, plan[EMBED], widths)
+        shares[EMBED] = _lookup_errors(embed.weight, calibration, plan[EMBED], widths)
     h = embed(calibration)
+    # probes[k] is the sample changed after layer k - 1 (probes[0]: after the embedding).
+    probes = [_probe(h[:SAMPLE_SEQUENCES], mx.random.key(0))]
     layers = range(len(model.layers))
     for i in progress(layers, "measuring sensitivity", len(layers)) if progress else layers:
         layer, prefix = model.layers[i], f"model.layers.{i}"
         sample = h[:SAMPLE_SEQUENCES]
         for path, linear in layer_linears(layer, prefix).items():
             if plan[path].quantized:
-                errors[path] = _residual_errors(layer, linear, sample, plan[path], widths)
+                shares[path] = _residual_errors(layer, linear, sample, plan[path], widths)
         h = run_layer(layer, h)
+        probes = [run_layer(layer, p) for p in probes]
+        probes.append(_probe(h[:SAMPLE_SEQUENCES], mx.random.key(i + 1)))
         inner.layers[i] = None  # release this layer's weights
+    head = embed.as_linear if model.args.tie_word_embeddings else model.lm_head
+    clean = inner.norm(h[:SAMPLE_SEQUENCES])
+    gains = [_kl(head, clean, inner.norm(p)) / PROBE**2 for p in probes]
+
+    errors: Errors = {}
+    for path, by_width in shares.items():
+        index = layer_index(path)
+        gain = gains[0] if index is None else gains[index + 1]  # the embedding, or a projection's layer
+        errors[path] = {w: gain * e for w, e in by_width.items()}
     final = inner.norm(h).reshape(-1, h.shape[-1])[:HEAD_ROWS]
     if model.args.tie_word_embeddings:
         if plan[EMBED].quantized:
-            head = _output_errors(final, embed.weight, plan[EMBED], widths)
-            errors[EMBED] = {w: errors[EMBED][w] + head[w] for w in widths}
+            as_head = _head_errors(final, embed.weight, plan[EMBED], widths)
+            errors[EMBED] = {w: errors[EMBED][w] + as_head[w] for w in widths}
     elif plan[HEAD].quantized:
-        errors[HEAD] = _output_errors(final, model.lm_head.weight, plan[HEAD], widths)
+        errors[HEAD] = _head_errors(final, model.lm_head.weight, plan[HEAD], widths)
     return errors
+
+
+def _probe(x: mx.array, key: mx.array) -> mx.array:
+    """`x` with a random change of relative RMS `PROBE` per token."""
+    x32 = x.astype(mx.float32)
+    rms = mx.sqrt((x32 * x32).mean(axis=-1, keepdims=True))
+    changed = (x32 + PROBE * rms * mx.random.normal(x.shape, key=key)).astype(x.dtype)
+    mx.eval(changed)
+    return changed
+
+
+def _kl(head: Any, original: mx.array, changed: mx.array, changed_head: Any = None) -> float:
+    """Mean KL(softmax(head(original)) || softmax(changed_head(changed))) over the positions of (..., hidden)."""
+    changed_head = changed_head or head
+    original, changed = original.reshape(-1, original.shape[-1]), changed.reshape(-1, changed.shape[-1])
+    total = 0.0
+    for start in range(0, original.shape[0], TOKEN_BLOCK):
+        lp = nn.log_softmax(head(original[start : start + TOKEN_BLOCK]).astype(mx.float32), axis=-1)
+        lq = nn.log_softmax(changed_head(changed[start : start + TOKEN_BLOCK]).astype(mx.float32), axis=-1)
+        total += (mx.exp(lp) * (lp - lq)).sum().item()
+    return total / original.shape[0]
 
 
 def _rounded(w: mx.array, assignment: Assignment, width: Width) -> mx.array:
@@ -107,18 +146,15 @@ def _residual_errors(
     return errors
 
 
-def _output_errors(x: mx.array, weight: mx.array, assignment: Assignment, widths) -> dict[Width, float]:
-    """||X (W - Q(W))^T||^2 / ||X W^T||^2 for each width, over blocks of output rows."""
-    x = x.astype(mx.float32)
-    norm, diffs = 0.0, dict.fromkeys(widths, 0.0)
-    for start in range(0, weight.shape[0], ROW_BLOCK):
-        w = weight[start : start + ROW_BLOCK].astype(mx.float32)
-        reference = x @ w.T
-        norm += (reference * reference).sum().item()
-        for width in widths:
-            diff = x @ (w - _rounded(w, assignment, width)).T
-            diffs[width] += (diff * diff).sum().item()
-    return {k: d / (norm or 1.0) for k, d in diffs.items()}
+def _head_errors(x: mx.array, weight: mx.array, assignment: Assignment, widths) -> dict[Width, float]:
+    """KL between the head's next-token distributions from final states `x` with `weight` and rounded, per width."""
+    errors = {}
+    for width in widths:
+        blocks = range(0, weight.shape[0], ROW_BLOCK)
+        rounded = [_rounded(weight[s : s + ROW_BLOCK].astype(mx.float32), assignment, width) for s in blocks]
+        rounded = mx.concatenate([r.astype(weight.dtype) for r in rounded])
+        errors[width] = _kl(lambda v: v @ weight.T, x, x, lambda v, r=rounded: v @ r.T)
+    return errors
 
 
 def _lookup_errors(weight: mx.array, tokens: mx.array, assignment: Assignment, widths) -> dict[Width, float]:
@@ -134,10 +170,10 @@ def _lookup_errors(weight: mx.array, tokens: mx.array, assignment: Assignment, w
     return errors
 
 
-def allocate(plan: Plan, modules: dict[str, Any], errors: Errors, budget_bytes: float) -> Plan:
+def allocate(plan: Plan, shapes: dict[str, tuple[int, int]], errors: Errors, budget_bytes: float) -> Plan:
     """Widen the budgeted modules greedily, best error reduction per byte first, within `budget_bytes`."""
-    fixed = sum(packed_bytes(modules[p], a) for p, a in plan.items() if p not in errors)
-    hulls = {p: _hull(modules[p], plan[p], by_width) for p, by_width in errors.items()}
+    fixed = sum(packed_bytes(shapes[p], a) for p, a in plan.items() if p not in errors)
+    hulls = {p: _hull(shapes[p], plan[p], by_width) for p, by_width in errors.items()}
     step = dict.fromkeys(hulls, 0)
     total = fixed + sum(hull[0][0] for hull in hulls.values())
     if total > budget_bytes:
@@ -168,14 +204,16 @@ def allocate(plan: Plan, modules: dict[str, Any], errors: Errors, budget_bytes: 
     return {p: replace(a, bits=chosen[p][0], group_size=chosen[p][1]) if p in chosen else a for p, a in plan.items()}
 
 
-def _hull(module: Any, assignment: Assignment, by_width: dict[Width, float]) -> list[tuple[int, float, Width]]:
+def _hull(
+    shape: tuple[int, int], assignment: Assignment, by_width: dict[Width, float]
+) -> list[tuple[int, float, Width]]:
     """(bytes, error, width) of the widths on the lower convex hull, smallest first.
 
     A width off the hull is beaten by a mix of its neighbours at the same bytes, so the greedy never needs it;
     on the hull, each step's error drop per byte is smaller than the one before, which makes greedy steps sound.
     """
     points = sorted(
-        (packed_bytes(module, replace(assignment, bits=b, group_size=g)), e, (b, g)) for (b, g), e in by_width.items()
+        (packed_bytes(shape, replace(assignment, bits=b, group_size=g)), e, (b, g)) for (b, g), e in by_width.items()
     )
     hull: list[tuple[int, float, Width]] = []
     for point in points:

@@ -21,7 +21,7 @@ from apertus_mlx.save import save_model
 from . import budget as budgets
 from .calibration import default_texts, read_text, token_sequences
 from .methods import METHODS
-from .pipeline import Plan, Progress, bits_per_weight, packed_bytes, quantizable_modules, quantize_model
+from .pipeline import Plan, Progress, bits_per_weight, packed_bytes, quantize_model, weight_shapes
 from .recipe import Recipe
 
 # Importing the calibrated methods registers them in METHODS.
@@ -56,15 +56,15 @@ def convert(
 
     model = _load_bf16(src)
     parameters = sum(a.size for _, a in tree_flatten(model.parameters()))
-    modules = quantizable_modules(model)
-    plan: Plan = {p: recipe.assign(p, len(model.layers)) for p in modules}
+    shapes = weight_shapes(model)
+    plan: Plan = {p: recipe.assign(p, len(model.layers)) for p in shapes}
     for path, assignment in plan.items():
         if assignment.quantized and assignment.method not in METHODS:
             raise ValueError(f"recipe {recipe.name}: method {assignment.method!r} (for {path}) is not available")
     if recipe.budget is not None:
-        plan = _allocate_budget(src, recipe, plan, modules, parameters, calibration, progress)
+        plan = _allocate_budget(src, recipe, plan, shapes, parameters, calibration, progress)
 
-    warnings = _calibration_warnings(plan, modules, calibration) if recipe.needs_calibration else []
+    warnings = _calibration_warnings(plan, shapes, calibration) if recipe.needs_calibration else []
     metrics = quantize_model(model, plan, calibration if recipe.needs_calibration else None, evaluation, progress)
     report = {
         "recipe": recipe.name,
@@ -111,10 +111,10 @@ def estimated_bpw(recipe: Recipe, config: dict[str, Any] = APERTUS_8B) -> float 
     if recipe.budget is not None:
         return None
     model = Model(ModelArgs.from_config(config))  # never evaluated: only shapes are read
-    modules = quantizable_modules(model)
+    shapes = weight_shapes(model)
     parameters = sum(a.size for _, a in tree_flatten(model.parameters()))
-    weights = sum(packed_bytes(m, recipe.assign(p, len(model.layers))) for p, m in modules.items())
-    others = parameters - sum(m.weight.size for m in modules.values())
+    weights = sum(packed_bytes(shape, recipe.assign(p, len(model.layers))) for p, shape in shapes.items())
+    others = parameters - sum(o * i for o, i in shapes.values())
     return (weights + 2 * others) * 8 / parameters
 
 
@@ -126,9 +126,9 @@ def _load_bf16(src: Path) -> Any:
     return model
 
 
-def _calibration_warnings(plan: Plan, modules: dict[str, Any], calibration: mx.array) -> list[str]:
+def _calibration_warnings(plan: Plan, shapes: dict[str, tuple[int, int]], calibration: mx.array) -> list[str]:
     """Calibrated methods fit per-layer statistics; with fewer tokens than inputs they fit the sample, not the model."""
-    widths = [modules[p].weight.shape[1] for p, a in plan.items() if a.quantized and a.method != "rtn"]
+    widths = [shapes[p][1] for p, a in plan.items() if a.quantized and a.method != "rtn"]
     if not widths or calibration.size >= 2 * max(widths):
         return []
     return [
@@ -141,16 +141,16 @@ def _calibration_shape(recipe: Recipe) -> dict[str, int]:
     return {"count": recipe.calibration["sequences"], "length": recipe.calibration["sequence_length"]}
 
 
-def _allocate_budget(src, recipe, plan, modules, parameters, calibration, progress) -> Plan:
+def _allocate_budget(src, recipe, plan, shapes, parameters, calibration, progress) -> Plan:
     measured = _load_bf16(src)  # a second lazy copy, which the measurement consumes layer by layer
     a = measured.args
     kv_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 2  # keys and values in 16 bits
     target = budgets.target_bytes(recipe.budget, parameters, kv_per_token)
-    module_parameters = sum(m.weight.size for m in modules.values())
+    module_parameters = sum(o * i for o, i in shapes.values())
     other = (parameters - module_parameters) * 2  # norms and xIELU scalars stay in bf16
     widths = recipe.budget.widths(recipe.group_size)
     errors = budgets.measure_sensitivity(measured, plan, calibration, widths, progress)
-    return budgets.allocate(plan, modules, errors, target - other)
+    return budgets.allocate(plan, shapes, errors, target - other)
 
 
 def _recipe_record(recipe: Recipe) -> dict[str, Any]:

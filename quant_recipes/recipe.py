@@ -63,6 +63,12 @@ class Assignment:
         return self.bits is not None
 
 
+def layer_index(path: str) -> int | None:
+    """The decoder layer a module path is in (`model.layers.3.mlp.up_proj` -> 3), or None."""
+    found = _LAYER.search(f"{path}.")
+    return int(found.group(1)) if found else None
+
+
 @dataclass(frozen=True)
 class Rule:
     match: str
@@ -74,11 +80,11 @@ class Rule:
             return False
         if self.layers is None:
             return True
-        found = _LAYER.search(f"{path}.")
-        if not found:
+        index = layer_index(path)
+        if index is None:
             return False
         first, last = (i % num_layers for i in self.layers)
-        return first <= int(found.group(1)) <= last
+        return first <= index <= last
 
 
 @dataclass(frozen=True)
