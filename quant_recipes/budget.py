@@ -65,9 +65,10 @@ def measure_sensitivity(
     """
     inner = model.model
     embed = inner.embed_tokens
+    hidden = embed.weight.shape[1]
     shares: Errors = {}  # of the residual stream, before gains
     if plan[EMBED].quantized:
-        shares[EMBED] = _lookup_errors(embed.weight, calibration, plan[EMBED], widths)
+        shares[EMBED] = _lookup_errors(embed.weight, calibration, plan[EMBED], _fitting(widths, hidden, EMBED))
     h = embed(calibration)
     # probes[k] is the sample changed after layer k - 1 (probes[0]: after the embedding).
     probes = [_probe(h[:SAMPLE_SEQUENCES], mx.random.key(0))]
@@ -77,7 +78,8 @@ def measure_sensitivity(
         sample = h[:SAMPLE_SEQUENCES]
         for path, linear in layer_linears(layer, prefix).items():
             if plan[path].quantized:
-                shares[path] = _residual_errors(layer, linear, sample, plan[path], widths)
+                fitting = _fitting(widths, linear.weight.shape[1], path)
+                shares[path] = _residual_errors(layer, linear, sample, plan[path], fitting)
         h = run_layer(layer, h)
         probes = [run_layer(layer, p) for p in probes]
         probes.append(_probe(h[:SAMPLE_SEQUENCES], mx.random.key(i + 1)))
@@ -92,13 +94,22 @@ def measure_sensitivity(
         gain = gains[0] if index is None else gains[index + 1]  # the embedding, or a projection's layer
         errors[path] = {w: gain * e for w, e in by_width.items()}
     final = inner.norm(h).reshape(-1, h.shape[-1])[:HEAD_ROWS]
+    fitting = _fitting(widths, hidden, HEAD)
     if model.args.tie_word_embeddings:
         if plan[EMBED].quantized:
-            as_head = _head_errors(final, embed.weight, plan[EMBED], widths)
-            errors[EMBED] = {w: errors[EMBED][w] + as_head[w] for w in widths}
+            as_head = _head_errors(final, embed.weight, plan[EMBED], fitting)
+            errors[EMBED] = {w: errors[EMBED][w] + as_head[w] for w in fitting}
     elif plan[HEAD].quantized:
-        errors[HEAD] = _head_errors(final, model.lm_head.weight, plan[HEAD], widths)
+        errors[HEAD] = _head_errors(final, model.lm_head.weight, plan[HEAD], fitting)
     return errors
+
+
+def _fitting(widths: tuple[Width, ...], inputs: int, path: str) -> tuple[Width, ...]:
+    """The widths whose group size divides a module's input width."""
+    fitting = tuple(w for w in widths if inputs % w[1] == 0)
+    if not fitting:
+        raise ConfigError(f"{path}: no budget group size divides its {inputs} inputs")
+    return fitting
 
 
 def _probe(x: mx.array, key: mx.array) -> mx.array:

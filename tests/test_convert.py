@@ -150,6 +150,12 @@ def test_budget_measures_every_module_in_kl_of_the_whole_model(tmp_path, tied):
         assert 0.5 < errors[path][narrow] / _kl(reference, changed(tokens)) < 2, path
 
 
+def test_budget_offers_a_module_only_group_sizes_that_divide_its_inputs():
+    assert budget._fitting(((2, 64), (2, 128), (3, 64)), 192, "x") == ((2, 64), (3, 64))
+    with pytest.raises(ConfigError, match=r"^up_proj: no budget group size divides its 96 inputs$"):
+        budget._fitting(((2, 64),), 96, "up_proj")
+
+
 def test_budget_allocation_takes_the_best_error_drop_per_byte():
     a4 = parse_recipe({"name": "b", "bits": 4, "group_size": 64}).assign("x", 1)
     shapes = {"a": (64, 256), "b": (64, 256)}
