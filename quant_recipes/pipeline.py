@@ -115,7 +115,9 @@ def quantize_linear(linear: nn.Linear, assignment: Assignment, stats: LinearStat
         return linear
     target = Target(assignment.bits, assignment.group_size, assignment.mode)
     method = METHODS[assignment.method]
-    result: QuantizedWeight = method(linear.weight.astype(mx.float32), target, stats)
+    # Round-to-nearest quantizes the stored 16-bit weight, as mlx-lm does; a float32 copy of an 8B head is 2 GB.
+    weight = linear.weight if assignment.method == "rtn" else linear.weight.astype(mx.float32)
+    result: QuantizedWeight = method(weight, target, stats)
     out_dim, in_dim = linear.weight.shape
     has_bias = "bias" in linear
     q = nn.QuantizedLinear(in_dim, out_dim, has_bias, target.group_size, target.bits, mode=target.mode)
