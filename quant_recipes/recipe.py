@@ -106,7 +106,7 @@ class Budget:
             return f"{self.bits_per_weight:g} bits per weight"
         if self.size_gb is not None:
             return f"{self.size_gb:g} GB of weights"
-        return f"a {self.ram_gb:g} GB Mac with a {self.context}-token context"
+        return f"a {self.ram_gb:g} GB Mac, {self.context}-token context"
 
 
 @dataclass(frozen=True)

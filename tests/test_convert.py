@@ -231,7 +231,7 @@ def test_a_new_target_keeps_the_recipe_widths():
     recipe = load_recipe("budget-8gb-mac").with_target(ram_gb=16)
     assert recipe.budget.ram_gb == 16 and recipe.budget.context == 8192 and recipe.budget.bits_per_weight is None
     assert recipe.budget.widths(64) == load_recipe("budget-8gb-mac").budget.widths(64)
-    assert recipe.budget.target == "a 16 GB Mac with a 8192-token context"
+    assert recipe.budget.target == "a 16 GB Mac, 8192-token context"
     assert load_recipe("budget").with_target(size_gb=4.2).budget.target == "4.2 GB of weights"
 
 
