@@ -6,8 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import bench.quality.__main__ as quality_main
 from apertus_mlx.load import DEMO_MODEL
 from bench.quality.__main__ import budget_matches, main
+from bench.quality.contenders import Contender, matched_budgets, ours
 from bench.quality.report import frontier, verdicts
 from quant_recipes.calibration import default_texts
 from quant_recipes.pipeline import LogitComparison
@@ -73,7 +75,7 @@ def test_our_budget_is_run_at_the_size_of_each_mlx_lm_frontier_point():
     assert [c.name for c in budget_matches(points)] == ["apertus-mlx/budget@2.95bpw", "apertus-mlx/budget@3.25bpw"]
 
 
-def test_harness_runs_end_to_end_on_nano(tmp_path):
+def test_harness_runs_end_to_end_on_nano(tmp_path, monkeypatch):
     calibration, evaluation = tmp_path / "calibration.txt", tmp_path / "evaluation.txt"
     for path, text in zip((calibration, evaluation), default_texts(), strict=True):
         path.write_text(text, encoding="utf-8")
@@ -104,6 +106,16 @@ def test_harness_runs_end_to_end_on_nano(tmp_path):
     again = json.loads(out.with_suffix(".json").read_text())["points"]
     assert [p["name"] for p in again][:4] == [p["name"] for p in results["points"]]
     assert again[-1]["name"] == "mlx-lm/rtn-2-g64" and len(again) == 5
+
+    # Then our budget runs at the size of each of mlx-lm's best points (made here by a quick stand-in recipe).
+    wanted = [c.name for c in budget_matches(again)]
+    quick = ours("int4-g64").make
+    stand_in = lambda sizes: [Contender(c.name, c.family, quick) for c in matched_budgets(sizes)]  # noqa: E731
+    monkeypatch.setattr(quality_main, "matched_budgets", stand_in)
+    main([*args, "--only", *only, "mlx-lm/rtn-2-g64", "apertus-mlx/budget@*", "--resume"])
+    final = json.loads(out.with_suffix(".json").read_text())["points"]
+    assert wanted and [p["name"] for p in final[5:]] == wanted
+    assert all("error" not in p for p in final[5:]) and all(f"`{name}`" in out.read_text() for name in wanted)
 
 
 def test_a_missing_text_file_is_one_line_naming_it(tmp_path):
