@@ -2,7 +2,7 @@
 
 from .engine import Engine
 from .errors import ApertusError, CheckpointError, ConfigError, ModelNotFoundError
-from .events import Done, Event, Stats, TextDelta, ToolCall, ToolCallError
+from .events import Done, Event, PrefillProgress, Stats, TextDelta, TokenLogprobs, ToolCall, ToolCallError
 from .load import load, load_model, load_tokenizer, make_cache, resolve
 from .model import Model, ModelArgs
 from .save import save_model
@@ -21,9 +21,11 @@ __all__ = [
     "Model",
     "ModelArgs",
     "ModelNotFoundError",
+    "PrefillProgress",
     "SamplingOptions",
     "Stats",
     "TextDelta",
+    "TokenLogprobs",
     "ToolCall",
     "ToolCallError",
     "generate",
