@@ -1,21 +1,22 @@
-"""The token loop: prefill a prompt into a KV cache, then decode one token (or a speculative run) at a time.
+"""Decoding steps: one batched forward for many sessions, and speculative steps with a draft model.
 
-This is the hot path. Each step builds the next step's graph before the current token is read
-(`mx.async_eval`), so the device never waits on Python; per-token work is the sampler alone.
-Everything runs on the calling thread's default stream, since MLX streams are thread-local.
+This is the hot path. A `DecodeBatch` builds the next step's graph before the current tokens are
+read (`mx.async_eval`), so the device never waits on Python; the per-token Python is sampling.
+Sessions whose caches can share a batch (plain `KVCache`) are merged into mlx-lm's `BatchKVCache`
+while two or more decode, and a lone session decodes on its own cache, with no mask.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 from mlx_lm.generate import maybe_quantize_kv_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
-Sampler = Callable[[mx.array], mx.array]
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+from .sampling import PENALTY_CONTEXT, TokenSampler
 
 
 @dataclass
@@ -30,135 +31,146 @@ class KVQuantization:
         maybe_quantize_kv_cache(cache, quantized_kv_start=self.start, kv_group_size=self.group_size, kv_bits=self.bits)
 
 
-def prefill(
-    model: Any,
-    tokens: list[int],
-    cache: list[Any],
-    step_size: int = 2048,
-    kv_quant: KVQuantization | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Run `tokens` through the model into `cache`, in chunks that bound peak memory."""
-    for start in range(0, len(tokens), step_size):
-        model(mx.array(tokens[start : start + step_size])[None], cache=cache)
-        if kv_quant:
-            kv_quant.apply(cache)
-        mx.eval([c.state for c in cache])
-        if progress:
-            progress(min(start + step_size, len(tokens)), len(tokens))
+@dataclass
+class Sampled:
+    """A token sampled but not read yet (lazy arrays), with its log-probabilities when asked for."""
+
+    token: mx.array  # (1,)
+    logprob: mx.array | None = None  # ()
+    top: tuple[mx.array, mx.array] | None = None  # ids (k,), log-probabilities (k,)
+
+    def arrays(self) -> list[mx.array]:
+        return [self.token, *([self.logprob] if self.logprob is not None else []), *(self.top or ())]
 
 
-def _next_token(
-    model: Any,
-    inputs: mx.array,
-    cache: list[Any],
-    sampler: Sampler,
-    processors: list[LogitsProcessor],
-    history: list[int] | None,
-    kv_quant: KVQuantization | None,
-) -> mx.array:
-    logits = model(inputs[None], cache=cache)[:, -1, :]  # (1, vocab)
-    if processors:
-        context = mx.array(history)
-        for process in processors:
-            logits = process(context, logits)
-    if kv_quant:
-        kv_quant.apply(cache)
-    return sampler(logits - mx.logsumexp(logits, keepdims=True))  # (1,)
+class Member(Protocol):
+    """What a `DecodeBatch` needs of a decoding turn."""
+
+    cache: list[Any]
+    sampler: TokenSampler
+    pending: Sampled | None  # the last sampled token, the input of the next step
+    upcoming: Sampled | None  # what the next step samples
+    recent: list[int]  # the last tokens of the sequence before `pending`, for the repetition penalty
+    top_logprobs: int | None
 
 
-def generate_tokens(
-    model: Any,
-    prompt: list[int],
-    cache: list[Any],
-    sampler: Sampler,
-    max_tokens: int,
-    processors: list[LogitsProcessor] | None = None,
-    kv_quant: KVQuantization | None = None,
-    prefill_step_size: int = 2048,
-    progress: Callable[[int, int], None] | None = None,
-) -> Iterator[int]:
-    """Yield up to `max_tokens` sampled token ids continuing `prompt` (the uncached tail of the context).
-
-    The caller stops early by closing the generator; the cache then holds every yielded token
-    but possibly the last (compare its offset).
-    """
-    processors = processors or []
-    history = list(prompt) if processors else None
-    prefill(model, prompt[:-1], cache, prefill_step_size, kv_quant, progress)
-    y = _next_token(model, mx.array(prompt[-1:]), cache, sampler, processors, history, kv_quant)
-    mx.async_eval(y)
-    for n in range(max_tokens):
-        next_y = None
-        if n + 1 < max_tokens:
-            if history is not None:
-                history.append(y.item())
-            next_y = _next_token(model, y, cache, sampler, processors, history, kv_quant)
-            mx.async_eval(next_y)
-        yield y.item()
-        y = next_y
-        if n % 256 == 255:
-            mx.clear_cache()
+def sample(member: Member, logits: mx.array) -> Sampled:
+    """Sample `member`'s next token from its row of logits (1, vocab)."""
+    history = None
+    if member.sampler.needs_history:
+        if member.pending is None:  # the first token: the history is the prompt's tail
+            history = mx.array(member.recent[-PENALTY_CONTEXT:], dtype=mx.int32)
+        else:
+            recent = mx.array(member.recent[-(PENALTY_CONTEXT - 1) :], dtype=mx.int32)
+            history = mx.concatenate([recent, member.pending.token.astype(mx.int32)])
+    token, logprobs = member.sampler(logits, history)
+    if member.top_logprobs is None:
+        return Sampled(token)
+    chosen = logprobs[0, token[0]]
+    k = member.top_logprobs
+    if not k:
+        return Sampled(token, chosen)
+    ids = mx.argpartition(-logprobs[0], k - 1)[:k]
+    values = logprobs[0, ids]
+    order = mx.argsort(-values)
+    return Sampled(token, chosen, (ids[order], values[order]))
 
 
-def speculative_tokens(
+class DecodeBatch:
+    """Sessions that decode together: one forward per step for all of them."""
+
+    def __init__(self, model: Any, kv_quant: KVQuantization | None = None):
+        self.model = model
+        self.kv_quant = kv_quant  # only for a batch of one: quantized caches are not merged
+        self.members: list[Member] = []
+        self._merged: list[BatchKVCache] | None = None  # while two or more members decode
+
+    def add(self, member: Member) -> None:
+        if len(self.members) == 1:
+            self._merged = [
+                BatchKVCache.merge([a, b]) for a, b in zip(self.members[0].cache, member.cache, strict=True)
+            ]
+        elif self.members:
+            for layer, c in zip(self._merged, member.cache, strict=True):
+                layer.extend(BatchKVCache.merge([c]))
+        self.members.append(member)
+
+    def remove(self, member: Member) -> None:
+        """Take `member` out; its own cache gets back its keys and values (then the caller trims it)."""
+        i = self.members.index(member)
+        if self._merged is not None:
+            member.cache[:] = [layer.extract(i) for layer in self._merged]
+            keep = [j for j in range(len(self.members)) if j != i]
+            if len(keep) == 1:
+                self.members[keep[0]].cache[:] = [layer.extract(keep[0]) for layer in self._merged]
+                self._merged = None
+            else:
+                for layer in self._merged:
+                    layer.filter(keep)
+        self.members.pop(i)
+
+    def dispatch(self) -> None:
+        """Start the next step: each member's `upcoming` token, computed from its `pending` one."""
+        inputs = mx.concatenate([m.pending.token for m in self.members])[:, None]
+        cache = self._merged if self._merged is not None else self.members[0].cache
+        logits = self.model(inputs, cache=cache)[:, -1, :]
+        if self.kv_quant:
+            self.kv_quant.apply(cache)
+        for i, m in enumerate(self.members):
+            m.upcoming = sample(m, logits[i : i + 1])
+        mx.async_eval([a for m in self.members for a in m.upcoming.arrays()])
+
+
+def speculative_step(
     model: Any,
     draft_model: Any,
-    prompt: list[int],
     cache: list[Any],
     draft_cache: list[Any],
-    sampler: Sampler,
-    max_tokens: int,
-    num_draft: int = 3,
+    sampler: Callable[[mx.array], mx.array],
+    last: int,
+    draft_pending: list[int],
+    num_draft: int,
     kv_quant: KVQuantization | None = None,
-    prefill_step_size: int = 2048,
-    progress: Callable[[int, int], None] | None = None,
-    on_accept: Callable[[int], None] | None = None,
-) -> Iterator[int]:
-    """Like `generate_tokens`, but a small draft model proposes `num_draft` tokens that the model checks at once.
+) -> tuple[list[int], list[int], int]:
+    """One pass: the draft proposes up to `num_draft` tokens after `last`, the model checks them at once.
 
-    Every yielded token is sampled from the main model given the accepted prefix, so the output follows
-    the main model's distribution; the draft only changes how many tokens one forward pass yields.
-    Both caches must hold the same tokens on entry.
+    Returns (tokens yielded, what the draft has not seen yet, drafted tokens accepted). Every yielded
+    token is sampled from the main model given the accepted prefix, so the output follows the main
+    model; the draft only changes how many tokens one forward pass yields. Both caches must hold
+    the same tokens, except `draft_pending`, on entry.
     """
-    prefill(model, prompt[:-1], cache, prefill_step_size, kv_quant, progress)
-    prefill(draft_model, prompt[:-1], draft_cache, prefill_step_size)
-    last = prompt[-1]
-    draft_pending = [last]  # tokens the draft model has not seen yet
-    produced = 0
-    while produced < max_tokens:
-        k = min(num_draft, max_tokens - produced - 1)
-        drafted: list[int] = []
-        if k > 0:
-            inputs = mx.array(draft_pending)
-            for _ in range(k):
-                logits = draft_model(inputs[None], cache=draft_cache)[:, -1, :]
-                inputs = sampler(logits - mx.logsumexp(logits, keepdims=True))
-                drafted.append(inputs)
-            drafted = mx.concatenate(drafted).tolist()
-        logits = model(mx.array([last, *drafted])[None], cache=cache)[0]  # (k + 1, vocab)
-        if kv_quant:
-            kv_quant.apply(cache)
-        verified = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).tolist()
-        accepted = 0
-        while accepted < len(drafted) and drafted[accepted] == verified[accepted]:
-            accepted += 1
-        if on_accept:
-            on_accept(accepted)
-        # The main cache saw `last` and every drafted token; keep only the accepted ones.
-        _trim(cache, len(drafted) - accepted)
-        # The draft cache saw `draft_pending` and all drafted tokens but the last one.
-        _trim(draft_cache, max(len(drafted) - 1 - accepted, 0))
-        # If every drafted token was accepted, the draft model has not seen the last one yet.
-        draft_pending = drafted[-1:] if drafted and accepted == len(drafted) else []
-        for token in [*drafted[:accepted], verified[accepted]]:
-            yield token
-            produced += 1
-        last = verified[accepted]
-        draft_pending = [*draft_pending, last]
+    drafted: list[int] = []
+    if num_draft > 0:
+        inputs = mx.array(draft_pending)
+        proposals = []
+        for _ in range(num_draft):
+            logits = draft_model(inputs[None], cache=draft_cache)[:, -1, :]
+            inputs = sampler(logits)
+            proposals.append(inputs)
+        drafted = mx.concatenate(proposals).tolist()
+    logits = model(mx.array([last, *drafted])[None], cache=cache)[0]  # (k + 1, vocab)
+    if kv_quant:
+        kv_quant.apply(cache)
+    verified = sampler(logits).tolist()
+    accepted = 0
+    while accepted < len(drafted) and drafted[accepted] == verified[accepted]:
+        accepted += 1
+    # The main cache saw `last` and every drafted token; keep only the accepted ones.
+    trim(cache, len(drafted) - accepted)
+    # The draft cache saw `draft_pending` and all drafted tokens but the last one.
+    trim(draft_cache, max(len(drafted) - 1 - accepted, 0))
+    # If every drafted token was accepted, the draft model has not seen the last one yet.
+    unseen = drafted[-1:] if drafted and accepted == len(drafted) else []
+    out = [*drafted[:accepted], verified[accepted]]
+    return out, [*unseen, out[-1]], accepted
 
 
-def _trim(cache: list[Any], n: int) -> None:
+def trim(cache: list[Any], n: int) -> None:
     if n > 0:
         for c in cache:
             c.trim(n)
+
+
+def batchable(cache: list[Any]) -> bool:
+    """Whether a session's cache can be merged into a batch (plain, unquantized, not rotating)."""
+    return all(type(c) is KVCache for c in cache)

@@ -1,5 +1,7 @@
 """Errors raised for bad input; each message is one line that names the file, key or tensor at fault."""
 
+from __future__ import annotations
+
 
 class ApertusError(Exception):
     """Base class: the CLIs print these as `error: <message>` and exit non-zero, without a traceback."""
@@ -15,3 +17,21 @@ class CheckpointError(ApertusError, ValueError):
 
 class ModelNotFoundError(ApertusError, FileNotFoundError):
     """A model path does not exist, or a repo id cannot be resolved (offline or unknown)."""
+
+
+class TurnError(ApertusError):
+    """A turn failed while the model ran (out of memory, a bug); the chat is left as it was before it.
+
+    The original exception is chained as `__cause__`.
+    """
+
+    @classmethod
+    def wrap(cls, error: BaseException) -> TurnError:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        wrapped = cls(f"the turn failed: {type(error).__name__}{': ' + first if first else ''}")
+        wrapped.__cause__ = error
+        return wrapped
+
+
+class EngineClosedError(ApertusError):
+    """The engine was closed: it takes no more work."""

@@ -1,4 +1,8 @@
-"""`ChatSession`: a multi-turn Apertus chat that streams typed events and reuses its KV cache across turns."""
+"""`ChatSession`: a multi-turn Apertus chat: its conversation, its KV cache, and saving it.
+
+Turns are computed by a `Scheduler`: the engine's, on its thread, or, when the session is used
+directly, a private one driven by `stream()` on the calling thread. Either way the same code runs.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +11,26 @@ import json
 import os
 import tempfile
 import threading
-import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .decode import KVQuantization, generate_tokens, speculative_tokens
+from .decode import KVQuantization
 from .errors import ApertusError
-from .events import Done, Event, Stats, TextDelta, ToolCall, ToolCallError
-from .turn_parser import TurnParser
+from .events import Done, Event
+from .sampling import SamplingOptions
+from .scheduler import Scheduler
+from .turn import Turn
 
+MIN_KV_SIZE = 128  # a rotating cache smaller than this cannot hold a chat's system and developer blocks
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How each turn is sampled. Defaults are Apertus's recommended temperature 0.8, top-p 0.9."""
-
-    max_tokens: int = 1024
-    temperature: float = 0.8  # 0 means greedy
-    top_p: float = 0.9
-    top_k: int = 0  # 0 disables
-    min_p: float = 0.0
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # strings that end the answer (not included in it)
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ApertusError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ApertusError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ApertusError(f"top_p must be in (0, 1], got {self.top_p}")
+__all__ = ["ChatSession", "SamplingOptions", "generate"]
 
 
 class ChatSession:
@@ -70,23 +57,22 @@ class ChatSession:
         prefill_step_size: int = 2048,
     ):
         self.model, self.tokenizer = model, tokenizer
-        self.system, self.think, self.tools = system, think, tools
         self.options = options or SamplingOptions()
+        _check_settings(model, self.options, draft_model, num_draft_tokens, kv_bits, kv_group_size, max_kv_size)
+        # The default system text carries today's date: fixed now, so tomorrow the cached chat still matches.
+        self.system = system if system is not None else default_system(tokenizer)
+        self.think, self.tools = think, tools
         self.messages: list[dict[str, Any]] = []
         self.draft_model, self.num_draft_tokens = draft_model, num_draft_tokens
-        if kv_bits and model.args.head_dim % kv_group_size:
-            raise ApertusError(
-                f"kv_group_size {kv_group_size} does not divide the head dimension {model.args.head_dim}"
-            )
         self.kv_quant = KVQuantization(kv_bits, kv_group_size) if kv_bits else None
         self.max_kv_size = max_kv_size
         self.prefill_step_size = prefill_step_size
-        self.last_stats: Stats | None = None
-        self._accepted = 0  # draft tokens accepted in the current turn
-        self._cancel = threading.Event()
-        self._cache: list[Any] = []
-        self._cached: list[int] = []  # the tokens whose keys and values `_cache` holds
-        self._draft_cache: list[Any] = []
+        self.last_stats = None
+        self._lock = threading.Lock()
+        self._turn: Turn | None = None  # the turn in progress, from `stream()` until its history is final
+        self.cache: list[Any] = []
+        self.draft_cache: list[Any] = []
+        self._cached: list[int] = []  # the tokens whose keys and values `cache` holds
         self._draft_cached: list[int] = []
         self.reset_cache()
 
@@ -95,58 +81,85 @@ class ChatSession:
     def stream(self, user_text: str | None = None, **overrides: Any) -> Iterator[Event]:
         """Add `user_text` (if given) and stream the assistant's reply as events, ending with `Done`.
 
-        `overrides` replace fields of `options` for this turn only (e.g. `temperature=0`).
-        With `user_text=None` the model continues the conversation as it stands, e.g. after
-        `add_tool_result`.
+        The turn is submitted now: bad input raises here. `overrides` replace fields of `options`
+        for this turn only (e.g. `temperature=0`). With `user_text=None` the model continues the
+        conversation as it stands, e.g. after `add_tool_result`. Closing the iterator early cancels
+        the turn and keeps exactly the text received.
         """
-        options = replace(self.options, **overrides) if overrides else self.options
-        messages = self.messages
-        if user_text is not None:
-            if not user_text.strip():
-                raise ApertusError("empty prompt: nothing to answer")
-            messages = [*messages, {"role": "user", "content": user_text}]
-        elif not messages:
-            raise ApertusError("empty prompt: the chat has no messages yet")
-        if self.draft_model is not None and options.repetition_penalty:
-            raise ApertusError("repetition_penalty is not supported with a draft model")
-        prompt = self.render(messages)
-        self._check_context(prompt)
-        self.messages = messages
-        self._cancel.clear()
-        return self._turn(prompt, options)
+
+        received: deque[Any] = deque()
+        turn = self.new_turn(user_text, overrides, received.append)
+        scheduler = Scheduler(self.model)
+        scheduler.submit(turn)
+        return _drive(turn, received, scheduler.step, lambda: scheduler.settle(turn))
 
     def generate(self, user_text: str, **overrides: Any) -> str:
         """The whole answer to `user_text` as one string."""
-        done = [e for e in self.stream(user_text, **overrides) if isinstance(e, Done)]
-        return done[0].answer
+        *_, done = self.stream(user_text, **overrides)
+        return done.answer
 
     def cancel(self) -> None:
-        """Stop the running turn after the current token (safe from any thread)."""
-        self._cancel.set()
+        """Stop the turn in progress after the current token, or before it starts (safe from any thread)."""
+        turn = self._turn
+        if turn is not None:
+            turn.cancelled.set()
 
-    def add_tool_result(self, content: Any) -> None:
+    def add_tool_result(self, content: Any, tool_call_id: str | None = None) -> None:
         """Append a tool's result; then call `stream()` to let the model continue."""
         text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
-        self.messages.append({"role": "tool", "content": text})
+        message: dict[str, Any] = {"role": "tool", "content": text}
+        if tool_call_id is not None:
+            message["tool_call_id"] = tool_call_id
+        self.messages.append(message)
 
     def render(self, messages: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of the chat (with the generation prompt), by the checkpoint's own chat template."""
         messages = self.messages if messages is None else messages
-        if self.system is not None:
-            messages = [{"role": "system", "content": self.system}, *messages]
+        messages = [{"role": "system", "content": self.system}, *messages]
         kwargs: dict[str, Any] = {"enable_thinking": self.think}
         if self.tools:
             kwargs["tools"] = self.tools
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs))
 
+    def new_turn(self, user_text: str | None, overrides: dict[str, Any], sink: Callable[[Any], None]) -> Turn:
+        """Validate and render the next turn, and mark the chat busy until the turn's history is final."""
+        options = replace(self.options, **overrides) if overrides else self.options
+        if self.draft_model is not None and (options.repetition_penalty or options.logprobs is not None):
+            raise ApertusError("repetition_penalty and logprobs are not supported with a draft model")
+        new_messages: list[dict[str, Any]] = []
+        if user_text is not None:
+            if not user_text.strip():
+                raise ApertusError("empty prompt: nothing to answer")
+            new_messages = [{"role": "user", "content": user_text}]
+        elif not self.messages:
+            raise ApertusError("empty prompt: the chat has no messages yet")
+        with self._lock:
+            if self._turn is not None:
+                raise ApertusError("this chat already has a turn in progress; wait for its Done or close its stream")
+            prompt = self.render([*self.messages, *new_messages])
+            self._check_context(prompt)
+            self._turn = Turn(self, new_messages, options, prompt, "answer", sink)
+            return self._turn
+
+    def release(self, turn: Turn) -> None:
+        """Called by `turn` once the chat's history is final."""
+        with self._lock:
+            if self._turn is turn:
+                self._turn = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a turn is in progress."""
+        return self._turn is not None
+
     # ---- KV cache -----------------------------------------------------------------------------
 
     def reset_cache(self) -> None:
         """Forget the KV cache; the next turn re-reads the whole chat."""
-        self._cache = self.model.make_cache(max_kv_size=self.max_kv_size)
+        self.cache = self.model.make_cache(max_kv_size=self.max_kv_size)
         self._cached = []
         if self.draft_model is not None:
-            self._draft_cache = self.draft_model.make_cache(max_kv_size=self.max_kv_size)
+            self.draft_cache = self.draft_model.make_cache(max_kv_size=self.max_kv_size)
             self._draft_cached = []
 
     @property
@@ -154,7 +167,7 @@ class ChatSession:
         """How many tokens of the chat the KV cache holds."""
         return len(self._cached)
 
-    def _reuse_prefix(self, prompt: list[int]) -> int:
+    def reuse_prefix(self, prompt: list[int]) -> int:
         """Trim the caches to their longest common prefix with `prompt`; return its length."""
         keep = _common_prefix(self._cached, prompt)
         if self.draft_model is not None:
@@ -171,14 +184,8 @@ class ChatSession:
                 del cached[keep:]
         return keep
 
-    def _caches(self) -> list[tuple[list[Any], list[int]]]:
-        pairs = [(self._cache, self._cached)]
-        if self.draft_model is not None:
-            pairs.append((self._draft_cache, self._draft_cached))
-        return pairs
-
-    def _record_cached(self, tokens: list[int]) -> None:
-        """After a turn, note what each cache holds (the decode loop may have run ahead of what was kept)."""
+    def record_cached(self, tokens: list[int]) -> None:
+        """After a turn, note what each cache holds (decoding may have run one token ahead of what was kept)."""
         for cache, cached in self._caches():
             offset = cache[0].offset
             if offset > len(tokens):
@@ -186,6 +193,19 @@ class ChatSession:
                     c.trim(offset - len(tokens))
                 offset = len(tokens)
             cached[:] = tokens[:offset]
+
+    def rollback(self, prompt: list[int], reused: int) -> None:
+        """After a failed turn: keep only the part of the cache that still holds the chat before it."""
+        try:
+            self.record_cached(prompt[:reused])
+        except Exception:
+            self.reset_cache()
+
+    def _caches(self) -> list[tuple[list[Any], list[int]]]:
+        pairs = [(self.cache, self._cached)]
+        if self.draft_model is not None:
+            pairs.append((self.draft_cache, self._draft_cached))
+        return pairs
 
     def _check_context(self, prompt: list[int]) -> None:
         limit = self.model.args.max_position_embeddings
@@ -195,141 +215,12 @@ class ChatSession:
                 "start a new chat or set max_kv_size"
             )
 
-    # ---- one turn -----------------------------------------------------------------------------
-
-    def _turn(self, prompt: list[int], options: SamplingOptions) -> Iterator[Event]:
-        start = time.perf_counter()
-        mx.reset_peak_memory()
-        if options.seed is not None:
-            mx.random.seed(options.seed)
-        reused = self._reuse_prefix(prompt)
-        tokens = self._tokens(prompt[reused:], options)
-
-        parser = TurnParser(self.tokenizer)
-        stops = _StopMatcher(options.stop)
-        answer: list[str] = []
-        reasoning: list[str] = []
-        calls: list[ToolCall] = []
-        generated: list[int] = []
-        first_token_at = None
-        finish = "length"
-        try:
-            for token in tokens:
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                generated.append(token)
-                if token in self.tokenizer.eos_token_ids:
-                    finish = "stop"
-                    break
-                events = parser.feed(token)
-                ended, events = self._route(events, stops, answer, reasoning, calls)
-                yield from events
-                if ended:
-                    finish = ended
-                    break
-                if self._cancel.is_set():
-                    finish = "cancelled"
-                    break
-            if finish != "stop_string":
-                _, events = self._route(parser.close(), stops, answer, reasoning, calls)
-                events += self._route_text(stops.flush(), "answer", answer, reasoning)
-                yield from events
-        finally:
-            tokens.close()
-            self._record_cached(prompt + generated)
-            # The partial answer is history too: cancelling keeps what was said.
-            self._remember("".join(answer), "".join(reasoning), calls)
-        self.last_stats = self._stats(start, first_token_at, len(prompt), len(prompt) - reused, len(generated))
-        yield Done(finish, self.last_stats, "".join(answer), "".join(reasoning), calls, generated)
-
-    def _tokens(self, new_prompt: list[int], options: SamplingOptions) -> Iterator[int]:
-        sampler = make_sampler(options.temperature, options.top_p, options.min_p, top_k=options.top_k)
-        self._accepted = 0
-        if self.draft_model is not None:
-
-            def count(n: int) -> None:
-                self._accepted += n
-
-            return speculative_tokens(
-                self.model,
-                self.draft_model,
-                new_prompt,
-                self._cache,
-                self._draft_cache,
-                sampler,
-                options.max_tokens,
-                self.num_draft_tokens,
-                self.kv_quant,
-                self.prefill_step_size,
-                on_accept=count,
-            )
-        processors = make_logits_processors(repetition_penalty=options.repetition_penalty)
-        return generate_tokens(
-            self.model,
-            new_prompt,
-            self._cache,
-            sampler,
-            options.max_tokens,
-            processors,
-            self.kv_quant,
-            self.prefill_step_size,
-        )
-
-    def _route(self, events, stops, answer, reasoning, calls) -> tuple[str | None, list[Event]]:
-        """Collect events into the turn's record; stop strings apply to the answer channel."""
-        out: list[Event] = []
-        for event in events:
-            if isinstance(event, TextDelta):
-                if event.channel == "answer":
-                    text, hit = stops.feed(event.text)
-                    out += self._route_text(text, "answer", answer, reasoning)
-                    if hit:
-                        return "stop_string", out
-                else:
-                    out += self._route_text(event.text, "reasoning", answer, reasoning)
-            elif isinstance(event, (ToolCall, ToolCallError)):
-                if isinstance(event, ToolCall):
-                    calls.append(event)
-                out.append(event)
-        # A complete tool-call block hands control to the app, which runs the tools.
-        if any(isinstance(e, (ToolCall, ToolCallError)) for e in events):
-            return "tool_calls", out
-        return None, out
-
-    @staticmethod
-    def _route_text(text: str, channel: str, answer: list[str], reasoning: list[str]) -> list[Event]:
-        if not text:
-            return []
-        (answer if channel == "answer" else reasoning).append(text)
-        return [TextDelta(text, channel)]
-
-    def _remember(self, answer: str, reasoning: str, calls: list[ToolCall]) -> None:
-        message: dict[str, Any] = {"role": "assistant", "content": answer}
-        if reasoning:
-            message["reasoning_content"] = reasoning
-        if calls:
-            message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
-        self.messages.append(message)
-
-    def _stats(self, start, first_token_at, prompt_tokens, prefilled, generated) -> Stats:
-        end = time.perf_counter()
-        first = first_token_at or end
-        ttft = first - start
-        return Stats(
-            prompt_tokens=prompt_tokens,
-            prefilled_tokens=prefilled,
-            generated_tokens=generated,
-            time_to_first_token=ttft,
-            prompt_tps=prefilled / ttft if ttft > 0 else 0.0,
-            generation_tps=(generated - 1) / (end - first) if generated > 1 and end > first else 0.0,
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-            draft_accepted=self._accepted if self.draft_model is not None else None,
-        )
-
     # ---- persistence --------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write messages, settings and the KV cache to one file (atomically), to resume later."""
+        if self.busy:
+            raise ApertusError("this chat has a turn in progress; save it once the turn is done")
         path = Path(path)
         meta = {
             "format": "apertus-mlx-chat/1",
@@ -345,7 +236,7 @@ class ChatSession:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
         os.close(fd)
         try:
-            save_prompt_cache(tmp, self._cache, {"chat": json.dumps(meta, ensure_ascii=False)})
+            save_prompt_cache(tmp, self.cache, {"chat": json.dumps(meta, ensure_ascii=False)})
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -364,13 +255,72 @@ class ChatSession:
             meta = json.loads(metadata["chat"])
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             raise ApertusError(f"{path}: not a saved chat ({str(e).splitlines()[0] if str(e) else e!r})") from None
-        options = SamplingOptions(**{**meta["options"], "stop": tuple(meta["options"]["stop"])})
+        saved = meta["options"]
+        options = SamplingOptions(**{**saved, "stop": tuple(saved["stop"])})
         session = cls(model, tokenizer, meta["system"], meta["think"], meta["tools"], options, **kwargs)
         session.messages = meta["messages"]
         same_model = meta["model"] == model_fingerprint(model)
         if same_model and session.max_kv_size is None and session.kv_quant is None and session.draft_model is None:
-            session._cache, session._cached = cache, meta["cached"]
+            session.cache, session._cached = cache, meta["cached"]
         return session
+
+
+def _drive(turn: Turn, received: deque[Any], step: Callable[[], None], settle: Callable[[], None]) -> Iterator[Event]:
+    """Events of `turn` as `step()` produces them, on the calling thread."""
+    delivered, finished = 0, False
+    try:
+        while True:
+            while received:
+                item = received.popleft()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                delivered += 1
+                yield item
+                if isinstance(item, Done):
+                    turn.session.last_stats = item.stats
+                    finished = True
+                    return
+            step()
+    finally:
+        if not finished:
+            turn.delivered = delivered
+            turn.cancelled.set()
+            settle()
+
+
+def default_system(tokenizer: Any) -> str:
+    """The chat template's own system text (rendered now, so with today's date where it has one)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "-"}], tokenize=False)
+    start, end = text.find("<|system_start|>"), text.find("<|system_end|>")
+    if start < 0 or end < start:
+        raise ApertusError("the chat template renders no <|system_start|> block; is this an Apertus checkpoint?")
+    return text[start + len("<|system_start|>") : end]
+
+
+def _check_settings(model, options, draft_model, num_draft_tokens, kv_bits, kv_group_size, max_kv_size) -> None:
+    """Refuse, in one line naming the option, combinations the caches cannot do."""
+    if draft_model is not None:
+        if num_draft_tokens < 1:
+            raise ApertusError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
+        if max_kv_size is not None:
+            raise ApertusError(
+                "a draft model cannot be used with max_kv_size: rejected drafts are trimmed from the cache, "
+                "which a rotating cache cannot do"
+            )
+        if options.repetition_penalty or options.logprobs is not None:
+            raise ApertusError("repetition_penalty and logprobs are not supported with a draft model")
+    if kv_bits is not None:
+        if kv_bits not in (2, 3, 4, 5, 6, 8):
+            raise ApertusError(f"kv_bits must be one of 2, 3, 4, 5, 6, 8, got {kv_bits}")
+        if model.args.head_dim % kv_group_size:
+            raise ApertusError(
+                f"kv_group_size {kv_group_size} does not divide the head dimension {model.args.head_dim}"
+            )
+        if max_kv_size is not None:
+            raise ApertusError("kv_bits cannot be combined with max_kv_size: a quantized KV cache cannot rotate")
+    if max_kv_size is not None and not max_kv_size >= MIN_KV_SIZE:
+        raise ApertusError(f"max_kv_size must be at least {MIN_KV_SIZE} tokens, got {max_kv_size}")
 
 
 def model_fingerprint(model: Any) -> str:
@@ -392,28 +342,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-class _StopMatcher:
-    """Holds back answer text that might be the start of a stop string."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit now, whether a stop string was completed)."""
-        if not self.stops:
-            return text, False
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
-        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out

@@ -18,7 +18,7 @@ MARKERS = ("<|inner_prefix|>", "<|inner_suffix|>", "<|tools_prefix|>", "<|tools_
 class TurnParser:
     """Feed token ids one at a time; get back the events they complete."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, start_channel: str = "answer"):
         ids = [tokenizer.convert_tokens_to_ids(m) for m in MARKERS]
         self._inner_start, self._inner_end, self._tools_start, self._tools_end = ids
         # Special tokens other than the markers (e.g. a stray <|user_start|>) carry no text.
@@ -26,7 +26,7 @@ class TurnParser:
             i for i, t in tokenizer.added_tokens_decoder.items() if t.special
         }
         self._detokenizer = tokenizer.detokenizer
-        self._channel = "answer"  # or "reasoning" or "tools"
+        self._channel = start_channel  # "answer", "reasoning" or "tools"
         self._tool_text: list[str] = []
 
     @property

@@ -201,7 +201,7 @@ def test_quantized_kv_cache(chat_model):
         ChatSession(model, tokenizer, kv_bits=8)
     session = ChatSession(model, tokenizer, options=GREEDY, kv_bits=8, kv_group_size=32)
     _, done = run(session, TURNS[0])
-    assert isinstance(session._cache[0], QuantizedKVCache)
+    assert isinstance(session.cache[0], QuantizedKVCache)
     plain = run(ChatSession(model, tokenizer, options=GREEDY), TURNS[0])[1]
     assert done.tokens[:3] == plain.tokens[:3]  # 8-bit keys and values barely move the logits
     _, second = run(session, TURNS[1])
@@ -213,8 +213,8 @@ def test_max_kv_size_bounds_the_cache(chat_model):
     session = ChatSession(model, tokenizer, options=GREEDY, max_kv_size=160)
     for text in TURNS:
         run(session, text)
-    assert isinstance(session._cache[0], RotatingKVCache)
-    assert session._cache[0].keys.shape[2] <= 160
+    assert isinstance(session.cache[0], RotatingKVCache)
+    assert session.cache[0].keys.shape[2] <= 160
     assert session.cached_tokens > 160  # the chat is longer than the window
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from apertus_mlx import ChatSession, Done, SamplingOptions, TextDelta, ToolCall, ToolCallError
+from apertus_mlx import TextDelta, ToolCall, ToolCallError
 from apertus_mlx.turn_parser import TurnParser, parse_tool_calls
 
 from checkpoints import save_tokenizer
@@ -106,63 +106,3 @@ def test_truncated_tool_call(tokenizer):
 def test_stray_special_tokens_carry_no_text(tokenizer):
     events = parse(tokenizer, ids(tokenizer, "Hello", "<|user_start|>", " world"))
     assert text_of(events) == "Hello world"
-
-
-class ScriptedModel:
-    """Stands in for the model in a session whose token stream is scripted (see `scripted_session`)."""
-
-    def __init__(self):
-        from types import SimpleNamespace
-
-        self.args = SimpleNamespace(max_position_embeddings=65536)
-
-    def make_cache(self, max_kv_size=None):
-        return []
-
-
-def scripted_session(tokenizer, script: list[int], **kwargs) -> ChatSession:
-    session = ChatSession(ScriptedModel(), tokenizer, options=SamplingOptions(**kwargs))
-    session._tokens = lambda prompt, options: (t for t in script)
-    session._reuse_prefix = lambda prompt: 0
-    session._record_cached = lambda tokens: None
-    return session
-
-
-def test_session_routes_reasoning_and_tool_calls(tokenizer):
-    script = ids(
-        tokenizer,
-        "<|inner_prefix|>",
-        "Need weather.",
-        "<|inner_suffix|>",
-        "One moment.",
-        "<|tools_prefix|>",
-        '[{"get_weather": {"city": "Zürich"}}]',
-        "<|tools_suffix|>",
-        "never reached",
-    )
-    session = scripted_session(tokenizer, script)
-    events = list(session.stream("Weather in Zürich?"))
-    done = events[-1]
-    assert isinstance(done, Done) and done.finish_reason == "tool_calls"
-    assert done.reasoning == "Need weather." and done.answer == "One moment."
-    assert done.tool_calls == [ToolCall("get_weather", {"city": "Zürich"})]
-    assert session.messages[-1] == {
-        "role": "assistant",
-        "content": "One moment.",
-        "reasoning_content": "Need weather.",
-        "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}],
-    }
-    session.add_tool_result({"temperature": 21})
-    rendered = tokenizer.decode(session.render())
-    assert rendered.endswith(
-        '<|tools_prefix|>[{"get_weather": {"city": "Zürich"}}]<|tools_suffix|>["{\\"temperature\\": 21}"]'
-    )
-
-
-def test_stop_string_split_across_tokens(tokenizer):
-    script = ids(tokenizer, "The answer is 42. END of text")
-    session = scripted_session(tokenizer, script, stop=("END",))
-    events = list(session.stream("?"))
-    assert events[-1].finish_reason == "stop_string"
-    assert events[-1].answer == "The answer is 42. "
-    assert text_of(events[:-1]) == "The answer is 42. "

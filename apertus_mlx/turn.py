@@ -1,0 +1,100 @@
+"""`Turn`: one submitted assistant turn, handled as a transaction.
+
+A turn is made when `stream()` is called: its prompt is rendered and its cancel flag exists from
+then on. The chat's history changes once, when the turn ends (on the model's thread): the user
+message and the answer are appended together. An error leaves the history as it was. When the
+consumer stops reading early, the answer kept is exactly what it received.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .chat_format import assistant_message
+from .events import Event, Stats, TextDelta, ToolCall
+
+if TYPE_CHECKING:
+    from .sampling import SamplingOptions
+    from .session import ChatSession
+
+_ids = itertools.count()
+
+
+@dataclass
+class Assembled:
+    answer: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+class Turn:
+    """What to answer, where its events go, its cancel flag, and its one commit to the chat's history."""
+
+    def __init__(
+        self,
+        session: ChatSession,
+        new_messages: list[dict[str, Any]],
+        options: SamplingOptions,
+        prompt: list[int],
+        start_channel: str,
+        sink: Callable[[Any], None],
+    ):
+        self.id = next(_ids)
+        self.session, self.options, self.prompt, self.start_channel = session, options, prompt, start_channel
+        self.base = list(session.messages)
+        self.new_messages = new_messages
+        self.submitted = time.perf_counter()
+        self.cancelled = threading.Event()
+        self.settled = threading.Event()  # the history is final (set by `settle` after an early stop)
+        self.events: list[Event] = []
+        self.delivered: int | None = None  # how many events the consumer took, once it stopped early
+        self._sink = sink
+        self._committed: dict[str, Any] | None = None
+
+    def put(self, event: Event) -> None:
+        self.events.append(event)
+        self._sink(event)
+
+    def fail(self, error: BaseException) -> None:
+        """End the turn with `error`; the chat's history is untouched."""
+        self.session.release(self)
+        self._sink(error)
+        self.settled.set()
+
+    def commit(self, generated: list[int], cancelled: bool = False) -> None:
+        """Append the user message and the answer to the chat's history, and free the chat for the next turn."""
+        message = assistant_message(self._kept())
+        self.session.messages = [*self.base, *self.new_messages, message]
+        self._committed = message
+        self.session.release(self)
+
+    def recommit(self) -> None:
+        """After an early stop: keep only what the consumer received, unless the history was edited since."""
+        messages = self.session.messages
+        if self._committed is not None and messages and messages[-1] is self._committed:
+            self._committed = assistant_message(self._kept())
+            messages[-1] = self._committed
+
+    def assembled(self) -> Assembled:
+        """The answer, reasoning and tool calls of every event the turn produced."""
+        out = Assembled()
+        answer, reasoning = [], []
+        for event in self.events:
+            if isinstance(event, TextDelta):
+                (answer if event.channel == "answer" else reasoning).append(event.text)
+            elif isinstance(event, ToolCall):
+                out.tool_calls.append(event)
+        out.answer, out.reasoning = "".join(answer), "".join(reasoning)
+        return out
+
+    def empty_stats(self) -> Stats:
+        waited = time.perf_counter() - self.submitted
+        return Stats(len(self.prompt), 0, 0, 0.0, 0.0, 0.0, 0.0, queued_seconds=waited)
+
+    def _kept(self) -> list[Event]:
+        return self.events if self.delivered is None else self.events[: self.delivered]
