@@ -1,30 +1,35 @@
-"""`Engine`: one long-lived MLX thread that owns the model; any thread submits work and reads events.
+"""`Engine`: one long-lived MLX thread that owns the model and schedules every chat's turns.
 
-MLX streams are thread-local (since MLX 0.31.2), so a model must be loaded and run on the same
-thread. The terminal app, the local server and the stdio bridge therefore never touch MLX
-themselves: they queue jobs here and consume the events on their own threads.
+MLX streams are thread-local (since MLX 0.31.2), so a model must be loaded and run on one thread.
+The terminal app, the local server and the stdio bridge never touch MLX themselves: they submit
+turns here and read the events on their own threads (or in asyncio, with `astream`). Between two
+scheduler steps the thread also runs `call()` jobs, so none of them waits for a whole turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import EngineClosedError, TurnError
 from .events import Event
 from .load import choose_model, load, load_model
+from .scheduler import Scheduler
 from .session import ChatSession
+from .turn import Receipt, Turn
 
 T = TypeVar("T")
-_END = object()
+_POLL = 0.5  # seconds between checks that the engine thread is still alive, while waiting on it
 
 
 class Engine:
-    """Loads a model on its own thread, then runs queued jobs there one at a time, in order."""
+    """Loads a model on its own thread, then runs the turns of any number of chats there, batched."""
 
     def __init__(self, model: str | os.PathLike | None = None, draft_model: str | os.PathLike | None = None):
         self.model: Any = None
@@ -33,9 +38,12 @@ class Engine:
         self.model_path: Path | None = None
         self.note: str | None = None  # set when the default model was not available and a fallback is used
         self._loaded: Future[None] = Future()
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(model, draft_model), name="apertus-mlx", daemon=True)
         self._thread.start()
+
+    # ---- set-up and plain jobs ------------------------------------------------------------------
 
     def wait_ready(self, timeout: float | None = None) -> Engine:
         """Block until the model is loaded; re-raises the loading error (e.g. `ModelNotFoundError`)."""
@@ -43,7 +51,8 @@ class Engine:
         return self
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
-        """Run `fn(*args, **kwargs)` on the MLX thread after the jobs already queued."""
+        """Run `fn(*args, **kwargs)` on the MLX thread, between two scheduler steps."""
+        self._check_open()
         future: Future[T] = Future()
 
         def job() -> None:
@@ -53,47 +62,86 @@ class Engine:
                 except BaseException as e:
                     future.set_exception(e)
 
-        self._jobs.put(job)
+        self._post("call", (job, future))
         return future
 
     def session(self, **kwargs: Any) -> ChatSession:
-        """A new `ChatSession` on this engine's model (its KV cache is made on the MLX thread)."""
+        """A new `ChatSession` on this engine's model (`ChatSession`'s keyword arguments).
+
+        Making one runs no MLX work, so it never waits for running turns.
+        """
+        self._check_open()
         self.wait_ready()
         kwargs.setdefault("draft_model", self.draft_model)
-        return self.call(ChatSession, self.model, self.tokenizer, **kwargs).result()
+        return ChatSession(self.model, self.tokenizer, **kwargs)
+
+    def restore(self, path: str | os.PathLike, **kwargs: Any) -> ChatSession:
+        """A chat saved by `save` (or `ChatSession.save`), its KV cache loaded on the MLX thread."""
+        self.wait_ready()
+        kwargs.setdefault("draft_model", self.draft_model)
+        return self.call(ChatSession.restore, path, self.model, self.tokenizer, **kwargs).result()
+
+    def save(self, session: ChatSession, path: str | os.PathLike) -> Path:
+        """Write `session` to `path` atomically (see `ChatSession.save`)."""
+        return self.call(session.save, path).result()
+
+    # ---- turns --------------------------------------------------------------------------------------
 
     def stream(self, session: ChatSession, user_text: str | None = None, **overrides: Any) -> Iterator[Event]:
-        """`session.stream(...)` run on the MLX thread, its events handed to the calling thread.
+        """Submit the next turn of `session` now; iterate its events (the same as `ChatSession.stream`'s).
 
-        Errors raised by the turn are raised here. Abandoning the iterator cancels the turn.
+        Bad input raises here, at once. Errors while the turn runs are raised by the iterator, with the
+        chat left as it was. Closing the iterator early cancels the turn; once it is closed, or `Done`
+        has arrived, `session.messages` is final.
         """
+        self._check_open()
+        self.wait_ready()
         events: queue.Queue[Any] = queue.Queue()
+        turn = session.new_turn(user_text, overrides, events.put)
+        self._post("turn", turn)
+        return self._events(Receipt(turn, lambda: self._settle(turn)), events)
 
-        def job() -> None:
+    async def astream(
+        self, session: ChatSession, user_text: str | None = None, **overrides: Any
+    ) -> AsyncIterator[Event]:
+        """`stream` for asyncio: the same events, awaited without blocking the event loop."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        if not self._loaded.done():
+            await asyncio.wrap_future(self._loaded)
+        self.wait_ready()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+
+        def sink(item: Any) -> None:
             try:
-                for event in session.stream(user_text, **overrides):
-                    events.put(event)
-            except BaseException as e:
-                events.put(e)
-            finally:
-                events.put(_END)
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody reads this turn any more
+                turn.cancelled.set()
 
-        self._jobs.put(job)
-        finished = False
+        turn = session.new_turn(user_text, overrides, sink)
+        self._post("turn", turn)
+        receipt = Receipt(turn, lambda: self._post("settle", turn))
         try:
-            while (item := events.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-            finished = True
+            while not receipt.finished:
+                yield receipt.take(await events.get())
         finally:
-            if not finished:
-                session.cancel()
+            receipt.stop()
+            if not turn.settled.is_set():
+                await loop.run_in_executor(None, self._wait_settled, turn)
 
-    def close(self, timeout: float | None = None) -> None:
-        """Finish the queued jobs, then stop the thread."""
-        self._jobs.put(None)
-        self._thread.join(timeout)
+    def close(self, cancel: bool = True, timeout: float | None = None) -> None:
+        """Stop the engine: running turns end as cancelled (or, with `cancel=False`, finish first).
+
+        Afterwards `call`, `stream` and `session` raise `EngineClosedError`.
+        """
+        self._closing.set()
+        self._inbox.put(("close", cancel))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self._refuse_rest()
+
+    # ---- the MLX thread -----------------------------------------------------------------------------
 
     def _run(self, model: str | os.PathLike | None, draft_model: str | os.PathLike | None) -> None:
         try:
@@ -101,8 +149,89 @@ class Engine:
             self.model, self.tokenizer = load(self.model_path)
             self.draft_model = load_model(draft_model) if draft_model else None
         except BaseException as e:
-            self._loaded.set_exception(e)  # queued jobs still run, so no caller waits forever
+            self._loaded.set_exception(e)  # jobs still run, so no caller waits forever
         else:
             self._loaded.set_result(None)
-        while (job := self._jobs.get()) is not None:
-            job()
+        scheduler = Scheduler(self.model)
+        try:
+            while self._handle(scheduler, block=not scheduler.busy):
+                if scheduler.busy:
+                    try:
+                        scheduler.step()
+                    except Exception as e:  # a bug outside any one turn: fail them all, keep serving
+                        scheduler.fail_all(TurnError.wrap(e))
+        finally:
+            scheduler.cancel_all(EngineClosedError("the engine was closed"))
+            self._refuse_rest()
+
+    def _handle(self, scheduler: Scheduler, block: bool) -> bool:
+        """Take everything posted so far (waiting for something when `block`); False once closing."""
+        while True:
+            try:
+                kind, item = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "turn":
+                scheduler.submit(item)
+            elif kind == "settle":
+                scheduler.settle(item)
+            elif kind == "call":
+                item[0]()
+            elif kind == "close":
+                if item:  # cancel what runs
+                    return False
+                while scheduler.busy:
+                    scheduler.step()
+                return False
+
+    def _refuse_rest(self) -> None:
+        """After the loop: whatever was posted too late is refused, so no caller waits forever."""
+        closed = EngineClosedError("the engine was closed")
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "turn":
+                item.fail(closed)
+            elif kind == "call" and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(closed)
+
+    # ---- helpers --------------------------------------------------------------------------------------
+
+    def _post(self, kind: str, item: Any) -> None:
+        self._inbox.put((kind, item))
+        if not self._thread.is_alive():  # posted after the thread ended: refuse it here
+            self._refuse_rest()
+
+    def _check_open(self) -> None:
+        if self._closing.is_set() or not self._thread.is_alive():
+            raise EngineClosedError("the engine is closed")
+
+    def _events(self, receipt: Receipt, events: queue.Queue[Any]) -> Iterator[Event]:
+        try:
+            while not receipt.finished:
+                yield receipt.take(self._get(events))
+        finally:
+            receipt.stop()
+
+    def _get(self, events: queue.Queue[Any]) -> Any:
+        while True:
+            try:
+                return events.get(timeout=_POLL)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    try:
+                        return events.get_nowait()
+                    except queue.Empty:
+                        return EngineClosedError("the engine stopped before the turn ended")
+
+    def _settle(self, turn: Turn) -> None:
+        self._inbox.put(("settle", turn))
+        self._wait_settled(turn)
+
+    def _wait_settled(self, turn: Turn) -> None:
+        while not turn.settled.wait(_POLL):
+            if not self._thread.is_alive():
+                return

@@ -134,7 +134,14 @@ class Scheduler:
     def cancel_all(self, error: BaseException) -> None:
         """End every turn (engine shutdown): running ones are cancelled, waiting ones get `error`."""
         for run in list(self._runs.values()):
-            self._finish(run, "cancelled")
+            self._guard([run], self._finish, run, "cancelled")
+        while self.waiting:
+            self.waiting.popleft().fail(error)
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every turn with `error`, each chat left as it was before its turn."""
+        for run in list(self._runs.values()):
+            self._fail(run, error)
         while self.waiting:
             self.waiting.popleft().fail(error)
 
@@ -271,11 +278,14 @@ class Scheduler:
         except Exception as e:
             error = e if isinstance(e, ApertusError) else TurnError.wrap(e)
             for run in runs:
-                if run.turn.id not in self._runs:
-                    continue
-                try:
-                    self._leave(run)
-                except Exception:
-                    run.session.reset_cache()  # the batch is broken: the next turn re-reads the chat
-                run.session.rollback(run.prompt, run.reused)
-                run.turn.fail(error)
+                self._fail(run, error)
+
+    def _fail(self, run: Run, error: BaseException) -> None:
+        if run.turn.id not in self._runs:
+            return
+        try:
+            self._leave(run)
+        except Exception:
+            run.session.reset_cache()  # the batch is broken: the next turn re-reads the chat
+        run.session.rollback(run.prompt, run.reused)
+        run.turn.fail(error)

@@ -23,10 +23,10 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from .decode import KVQuantization
 from .errors import ApertusError
-from .events import Done, Event
+from .events import Event
 from .sampling import SamplingOptions
 from .scheduler import Scheduler
-from .turn import Turn
+from .turn import Receipt, Turn
 
 MIN_KV_SIZE = 128  # a rotating cache smaller than this cannot hold a chat's system and developer blocks
 
@@ -267,26 +267,15 @@ class ChatSession:
 
 def _drive(turn: Turn, received: deque[Any], step: Callable[[], None], settle: Callable[[], None]) -> Iterator[Event]:
     """Events of `turn` as `step()` produces them, on the calling thread."""
-    delivered, finished = 0, False
+    receipt = Receipt(turn, settle)
     try:
-        while True:
-            while received:
-                item = received.popleft()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                delivered += 1
-                yield item
-                if isinstance(item, Done):
-                    turn.session.last_stats = item.stats
-                    finished = True
-                    return
-            step()
+        while not receipt.finished:
+            while received and not receipt.finished:
+                yield receipt.take(received.popleft())
+            if not receipt.finished:
+                step()
     finally:
-        if not finished:
-            turn.delivered = delivered
-            turn.cancelled.set()
-            settle()
+        receipt.stop()
 
 
 def default_system(tokenizer: Any) -> str:

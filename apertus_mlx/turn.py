@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .chat_format import assistant_message
-from .events import Event, Stats, TextDelta, ToolCall
+from .events import Done, Event, Stats, TextDelta, ToolCall
 
 if TYPE_CHECKING:
     from .sampling import SamplingOptions
@@ -98,3 +98,34 @@ class Turn:
 
     def _kept(self) -> list[Event]:
         return self.events if self.delivered is None else self.events[: self.delivered]
+
+
+class Receipt:
+    """The consumer's side of a turn: counts the events it took; an early stop cancels and settles.
+
+    `settle` must end the turn on the model's thread and return once the history is final.
+    """
+
+    def __init__(self, turn: Turn, settle: Callable[[], None]):
+        self.turn, self._settle = turn, settle
+        self.received = 0
+        self.finished = False
+
+    def take(self, item: Any) -> Event:
+        """`item` as handed over by the model's thread: an event to pass on, or an error to raise."""
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.received += 1
+        if isinstance(item, Done):
+            self.turn.session.last_stats = item.stats
+            self.finished = True
+        return item
+
+    def stop(self) -> None:
+        """The consumer is done reading: if the turn had not ended, cancel it and keep what was received."""
+        if not self.finished:
+            self.finished = True
+            self.turn.delivered = self.received
+            self.turn.cancelled.set()
+            self._settle()
