@@ -12,7 +12,7 @@ import asyncio
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +22,7 @@ from .events import Event
 from .load import choose_model, load, load_model
 from .scheduler import Scheduler
 from .session import ChatSession
-from .turn import Receipt, Turn
+from .turn import Receipt, Turn, TurnStream
 
 T = TypeVar("T")
 _POLL = 0.5  # seconds between checks that the engine thread is still alive, while waiting on it
@@ -87,7 +87,7 @@ class Engine:
 
     # ---- turns --------------------------------------------------------------------------------------
 
-    def stream(self, session: ChatSession, user_text: str | None = None, **overrides: Any) -> Iterator[Event]:
+    def stream(self, session: ChatSession, user_text: str | None = None, **overrides: Any) -> TurnStream:
         """Submit the next turn of `session` now; iterate its events (the same as `ChatSession.stream`'s).
 
         Bad input raises here, at once. Errors while the turn runs are raised by the iterator, with the
@@ -99,7 +99,7 @@ class Engine:
         events: queue.Queue[Any] = queue.Queue()
         turn = session.new_turn(user_text, overrides, events.put)
         self._post("turn", turn)
-        return self._events(Receipt(turn, lambda: self._settle(turn)), events)
+        return TurnStream(Receipt(turn, lambda: self._settle(turn)), lambda: self._get(events))
 
     async def astream(
         self, session: ChatSession, user_text: str | None = None, **overrides: Any
@@ -208,13 +208,6 @@ class Engine:
     def _check_open(self) -> None:
         if self._closing.is_set() or not self._thread.is_alive():
             raise EngineClosedError("the engine is closed")
-
-    def _events(self, receipt: Receipt, events: queue.Queue[Any]) -> Iterator[Event]:
-        try:
-            while not receipt.finished:
-                yield receipt.take(self._get(events))
-        finally:
-            receipt.stop()
 
     def _get(self, events: queue.Queue[Any]) -> Any:
         while True:

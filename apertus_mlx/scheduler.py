@@ -21,7 +21,10 @@ from .events import Done, PrefillProgress, Stats, TokenLogprobs
 from .sampling import TokenSampler, new_key
 from .turn import Turn
 
-PREFILL_SECONDS = 0.2  # target time of one prefill chunk: bounds the wait of cancels and other turns
+# Target time of one prefill chunk: it bounds how long a cancel, or the other turns' next tokens, wait.
+PREFILL_SECONDS = 0.2
+PREFILL_SECONDS_ALONE = 0.5  # with no other turn active, only a cancel waits
+_prefill_rates: dict[int, float] = {}  # tokens/s learnt per model (by id), the next scheduler's first guess
 MAX_ACTIVE = 32  # turns advanced at once; later ones wait their turn
 
 
@@ -87,7 +90,8 @@ class Scheduler:
         self.batch = DecodeBatch(model)
         self.solo: list[Run] = []  # decoding on their own: quantized or rotating caches
         self.speculative: list[Run] = []
-        self.prefill_rate = 2048.0  # tokens/s, learnt from each chunk; starts at a safe 400-token chunk
+        # Tokens/s, learnt from each chunk; a cautious first guess (a 32-token chunk) for a new model.
+        self.prefill_rate = _prefill_rates.get(id(model), 160.0)
         self._runs: dict[int, Run] = {}  # by turn id
 
     @property
@@ -164,7 +168,8 @@ class Scheduler:
 
     def _prefill_chunk(self, run: Run) -> None:
         start = time.perf_counter()
-        size = max(16, min(int(self.prefill_rate * PREFILL_SECONDS), run.session.prefill_step_size))
+        seconds = PREFILL_SECONDS if len(self._runs) > 1 else PREFILL_SECONDS_ALONE
+        size = max(16, min(int(self.prefill_rate * seconds), run.session.prefill_step_size))
         end = min(run.pos + size, run.prefill_end)
         chunk = run.prompt[run.pos : end]
         last = end == len(run.prompt)
@@ -181,7 +186,9 @@ class Scheduler:
                 mx.eval([c.state for c in run.cache])
             elapsed = time.perf_counter() - start
             if not last and elapsed > 0:  # the last chunk's time is not known until its token is read
-                self.prefill_rate = 0.5 * self.prefill_rate + 0.5 * len(chunk) / elapsed
+                # Grow at most 4x a chunk, so one slow chunk never overshoots the time target by much.
+                rate = min(len(chunk) / elapsed, 4 * self.prefill_rate)
+                self.prefill_rate = _prefill_rates[id(self.model)] = 0.5 * self.prefill_rate + 0.5 * rate
         run.pos = end
         if end > run.reused:
             run.turn.put(PrefillProgress(end - run.reused, len(run.prompt) - run.reused))

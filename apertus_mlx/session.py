@@ -12,7 +12,7 @@ import os
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,9 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from .decode import KVQuantization
 from .errors import ApertusError
-from .events import Event
 from .sampling import SamplingOptions
 from .scheduler import Scheduler
-from .turn import Receipt, Turn
+from .turn import Receipt, Turn, TurnStream
 
 MIN_KV_SIZE = 128  # a rotating cache smaller than this cannot hold a chat's system and developer blocks
 
@@ -78,7 +77,7 @@ class ChatSession:
 
     # ---- conversation -------------------------------------------------------------------------
 
-    def stream(self, user_text: str | None = None, **overrides: Any) -> Iterator[Event]:
+    def stream(self, user_text: str | None = None, **overrides: Any) -> TurnStream:
         """Add `user_text` (if given) and stream the assistant's reply as events, ending with `Done`.
 
         The turn is submitted now: bad input raises here. `overrides` replace fields of `options`
@@ -91,7 +90,7 @@ class ChatSession:
         turn = self.new_turn(user_text, overrides, received.append)
         scheduler = Scheduler(self.model)
         scheduler.submit(turn)
-        return _drive(turn, received, scheduler.step, lambda: scheduler.settle(turn))
+        return TurnStream(Receipt(turn, lambda: scheduler.settle(turn)), _stepping(received, scheduler.step))
 
     def generate(self, user_text: str, **overrides: Any) -> str:
         """The whole answer to `user_text` as one string."""
@@ -265,17 +264,15 @@ class ChatSession:
         return session
 
 
-def _drive(turn: Turn, received: deque[Any], step: Callable[[], None], settle: Callable[[], None]) -> Iterator[Event]:
-    """Events of `turn` as `step()` produces them, on the calling thread."""
-    receipt = Receipt(turn, settle)
-    try:
-        while not receipt.finished:
-            while received and not receipt.finished:
-                yield receipt.take(received.popleft())
-            if not receipt.finished:
-                step()
-    finally:
-        receipt.stop()
+def _stepping(received: deque[Any], step: Callable[[], None]) -> Callable[[], Any]:
+    """The next item a turn hands over, running scheduler steps on this thread until there is one."""
+
+    def next_item() -> Any:
+        while not received:
+            step()
+        return received.popleft()
+
+    return next_item
 
 
 def default_system(tokenizer: Any) -> str:

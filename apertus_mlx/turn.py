@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -129,3 +129,28 @@ class Receipt:
             self.turn.delivered = self.received
             self.turn.cancelled.set()
             self._settle()
+
+
+class TurnStream(Iterator[Event]):
+    """The events of one submitted turn, ending with `Done`. Closing it early cancels the turn.
+
+    `close()` works before the first event too; once it returns, the chat's history is final.
+    """
+
+    def __init__(self, receipt: Receipt, next_item: Callable[[], Any]):
+        self._receipt, self._next_item = receipt, next_item
+
+    def __next__(self) -> Event:
+        if self._receipt.finished:
+            raise StopIteration
+        try:
+            return self._receipt.take(self._next_item())
+        except BaseException:
+            self.close()  # e.g. Ctrl-C while waiting: the turn is cancelled, not left running
+            raise
+
+    def close(self) -> None:
+        self._receipt.stop()
+
+    def __del__(self) -> None:
+        self.close()
