@@ -104,12 +104,21 @@ class ChatFormat:
         think: bool = False,
         tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The text that `render` tokenizes."""
+        """The text that `render` tokenizes.
+
+        A leading system message in `messages` (a client's own) is the system text, and `system` is then
+        not used; a template error is raised as a one-line `ApertusError`.
+        """
         converted = [self._message(m) for m in messages]
-        if system is not None:
+        if system is not None and not (converted and converted[0]["role"] == "system"):
             converted.insert(0, {"role": "system", "content": system})
         specs = [self._tool(t) for t in tools] if tools else None
-        return self._apply(converted, think=think, tools=specs, generation_prompt=not _ends_in_open_turn(messages))
+        generation_prompt = not _ends_in_open_turn(messages)
+        try:
+            return self._apply(converted, think=think, tools=specs, generation_prompt=generation_prompt)
+        except Exception as e:  # jinja's errors (and raise_exception's) have no common class
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ApertusError(f"the chat template cannot render this chat: {first}") from e
 
     def _apply(self, messages: list[Message], *, think: bool, tools: list | None, generation_prompt: bool) -> str:
         kwargs: dict[str, Any] = {"enable_thinking": think}

@@ -12,6 +12,7 @@ import datetime as dt
 import pytest
 
 from apertus_mlx.chat_format import ChatFormat, assistant_message
+from apertus_mlx.errors import ApertusError
 from apertus_mlx.events import TextDelta, ToolCall
 from apertus_mlx.turn_parser import TurnParser
 
@@ -96,6 +97,19 @@ def test_published_template_needs_plain_tools(tokenizers):
     # A spec without a description gets an empty one, as the published rules want one.
     fmt = ChatFormat(tokenizers["published"])
     assert "// \ntype now = () => any;" in fmt.render_text([{"role": "user", "content": "?"}], tools=[{"name": "now"}])
+
+
+def test_a_clients_own_system_message_wins(fmt):
+    own = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    assert fmt.render(own, system=SYSTEM) == fmt.render(own[1:], system="Be terse.")
+
+
+def test_template_errors_are_one_line_apertus_errors(tokenizers):
+    fmt = ChatFormat(tokenizers["published"])
+    with pytest.raises(ApertusError, match="cannot render this chat: a tool result belongs to an assistant turn"):
+        fmt.render(
+            [{"role": "user", "content": "Hi"}, {"role": "user", "content": "?"}, {"role": "tool", "content": "x"}][2:]
+        )
 
 
 def test_text_parts_render_as_their_text(fmt):
