@@ -136,7 +136,8 @@ class ChatFormat:
             return self._assistant(message)
         if role == "tool":
             content = message.get("content", "")
-            out = {"role": "tool", "content": content if isinstance(content, str) else json.dumps(content)}
+            text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+            out = {"role": "tool", "content": text}
             if message.get("tool_call_id"):
                 out["tool_call_id"] = message["tool_call_id"]
             return out
@@ -173,6 +174,8 @@ class ChatFormat:
     def _tool(self, tool: dict[str, Any]) -> dict[str, Any]:
         """A tool spec as the template takes it: plain for the published format, OpenAI-wrapped otherwise."""
         spec = tool["function"] if isinstance(tool.get("function"), dict) else tool
+        if not isinstance(spec.get("name"), str):
+            raise ApertusError(f"a tool spec needs a name: {json.dumps(tool, ensure_ascii=False)[:80]}")
         if self.flavor == "openai":
             return {"type": "function", "function": spec}
         plain = {"name": spec["name"], "description": spec.get("description") or ""}

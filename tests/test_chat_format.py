@@ -99,6 +99,19 @@ def test_published_template_needs_plain_tools(tokenizers):
     assert "// \ntype now = () => any;" in fmt.render_text([{"role": "user", "content": "?"}], tools=[{"name": "now"}])
 
 
+def test_project_template_renders_as_before(tokenizers):
+    """The OpenAI-like flavor gives the tokens that `apply_chat_template` always gave for a plain chat."""
+    tokenizer = tokenizers["project"]
+    chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}]
+    expected = list(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True))
+    assert ChatFormat(tokenizer).render(chat[1:], system=SYSTEM) == expected
+
+
+def test_a_tool_without_a_name_is_refused(fmt):
+    with pytest.raises(ApertusError, match="a tool spec needs a name"):
+        fmt.render([{"role": "user", "content": "Hi"}], tools=[{"type": "function", "function": {"description": "?"}}])
+
+
 def test_a_clients_own_system_message_wins(fmt):
     own = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
     assert fmt.render(own, system=SYSTEM) == fmt.render(own[1:], system="Be terse.")
