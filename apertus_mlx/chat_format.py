@@ -48,7 +48,7 @@ class ChatFormat:
         self.flavor: Flavor = self._probe()
 
     def _probe(self) -> Flavor:
-        """ "blocks" when the template shows reasoning given as blocks; else the OpenAI-like shape.
+        """The flavor: "blocks" when the template shows reasoning given as blocks, else "openai".
 
         Asking the template is more reliable than matching its source: the project's template reads a
         mapping as an empty part list and drops it, the published one renders its thoughts.
@@ -186,7 +186,7 @@ class ChatFormat:
     # ---- generated turns ------------------------------------------------------------------------
 
     def start_channel(self, prompt: list[int]) -> Channel:
-        """ "reasoning" when `prompt` ends inside an unclosed `<|inner_prefix|>` of its last assistant turn.
+        """The turn's first channel: "reasoning" if `prompt` ends in an open `<|inner_prefix|>` of its last turn.
 
         That happens when deliberation is forced open, or when the model called a tool from inside its
         reasoning and the prompt ends with the result; the parser must then start in the reasoning channel.
