@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
+from .chat_format import ChatFormat
 from .decode import KVQuantization
 from .errors import ApertusError
 from .sampling import SamplingOptions
@@ -59,7 +60,8 @@ class ChatSession:
         self.options = options or SamplingOptions()
         _check_settings(model, self.options, draft_model, num_draft_tokens, kv_bits, kv_group_size, max_kv_size)
         # The default system text carries today's date: fixed now, so tomorrow the cached chat still matches.
-        self.system = system if system is not None else default_system(tokenizer)
+        self.format = ChatFormat(tokenizer)
+        self.system = system if system is not None else self.format.default_system()
         self.think, self.tools = think, tools
         self.messages: list[dict[str, Any]] = []
         self.draft_model, self.num_draft_tokens = draft_model, num_draft_tokens
@@ -112,13 +114,9 @@ class ChatSession:
         self.messages.append(message)
 
     def render(self, messages: list[dict[str, Any]] | None = None) -> list[int]:
-        """Token ids of the chat (with the generation prompt), by the checkpoint's own chat template."""
+        """Token ids of the chat, ready for the next answer, by the checkpoint's own chat template."""
         messages = self.messages if messages is None else messages
-        messages = [{"role": "system", "content": self.system}, *messages]
-        kwargs: dict[str, Any] = {"enable_thinking": self.think}
-        if self.tools:
-            kwargs["tools"] = self.tools
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs))
+        return self.format.render(messages, system=self.system, think=self.think, tools=self.tools)
 
     def new_turn(self, user_text: str | None, overrides: dict[str, Any], sink: Callable[[Any], None]) -> Turn:
         """Validate and render the next turn, and mark the chat busy until the turn's history is final."""
@@ -137,7 +135,7 @@ class ChatSession:
                 raise ApertusError("this chat already has a turn in progress; wait for its Done or close its stream")
             prompt = self.render([*self.messages, *new_messages])
             self._check_context(prompt)
-            self._turn = Turn(self, new_messages, options, prompt, "answer", sink)
+            self._turn = Turn(self, new_messages, options, prompt, self.format.start_channel(prompt), sink)
             return self._turn
 
     def release(self, turn: Turn) -> None:
@@ -273,15 +271,6 @@ def _stepping(received: deque[Any], step: Callable[[], None]) -> Callable[[], An
         return received.popleft()
 
     return next_item
-
-
-def default_system(tokenizer: Any) -> str:
-    """The chat template's own system text (rendered now, so with today's date where it has one)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "-"}], tokenize=False)
-    start, end = text.find("<|system_start|>"), text.find("<|system_end|>")
-    if start < 0 or end < start:
-        raise ApertusError("the chat template renders no <|system_start|> block; is this an Apertus checkpoint?")
-    return text[start + len("<|system_start|>") : end]
 
 
 def _check_settings(model, options, draft_model, num_draft_tokens, kv_bits, kv_group_size, max_kv_size) -> None:

@@ -101,8 +101,8 @@ def save_reference(model: ApertusForCausalLM, path: Path, schema: str = "v5", dt
     return path
 
 
-def save_tokenizer(path: Path) -> PreTrainedTokenizerFast:
-    """A byte-level BPE of `VOCAB` tokens with the Apertus special tokens and chat template."""
+def save_tokenizer(path: Path, chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of `VOCAB` tokens with the Apertus special tokens and a chat template (the project's)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -116,7 +116,7 @@ def save_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(path)
     return fast
 

@@ -1,6 +1,7 @@
 """The scheduler on the calling thread: batching, per-session sampling, cancel paths, rollback, options."""
 
 import datetime
+import itertools
 import threading
 import time
 
@@ -154,7 +155,7 @@ def test_cancel_during_a_slow_prefill_is_prompt(chat_model):
     assert event.finish_reason == "cancelled" and event.tokens == []
     assert ended - cancelled_at < 1.0
     assert progress and progress[-1].done < progress[-1].total  # stopped part-way through the prompt
-    assert all(a.done < b.done for a, b in zip(progress, progress[1:], strict=False))
+    assert all(a.done < b.done for a, b in itertools.pairwise(progress))
 
 
 def test_prefill_reports_progress_to_the_end(chat_model):

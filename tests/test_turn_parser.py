@@ -30,8 +30,8 @@ def ids(tokenizer, *parts: str) -> list[int]:
     return out
 
 
-def parse(tokenizer, tokens: list[int]):
-    parser = TurnParser(tokenizer)
+def parse(tokenizer, tokens: list[int], start_channel="answer"):
+    parser = TurnParser(tokenizer, start_channel)
     events = [e for t in tokens for e in parser.feed(t)]
     return events + parser.close()
 
@@ -56,8 +56,8 @@ def test_utf8_streams_byte_exact(tokenizer, text):
     events = parse(tokenizer, tokens)
     deltas = [e.text for e in events]
     assert all("\ufffd" not in d for d in deltas)  # never half a character
-    # The detokenizer drops the first space of a turn, as the chat format has none there.
-    assert "".join(deltas) == text.removeprefix(" ")
+    # Leading spaces too: the next turn re-renders this text, and the KV cache holds its tokens.
+    assert "".join(deltas) == text
 
 
 def test_reasoning_then_answer(tokenizer):
@@ -79,7 +79,47 @@ def test_tool_calls(tokenizer):
     events = parse(tokenizer, ids(tokenizer, "Checking.", "<|tools_prefix|>", call, "<|tools_suffix|>"))
     assert text_of(events) == "Checking."
     calls = [e for e in events if isinstance(e, ToolCall)]
-    assert calls == [ToolCall("get_weather", {"city": "Bern", "unit": "celsius"}), ToolCall("now", {})]
+    assert calls == [
+        ToolCall("get_weather", {"city": "Bern", "unit": "celsius"}, '{"city": "Bern", "unit": "celsius"}'),
+        ToolCall("now", {}, "{}"),
+    ]
+    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+
+
+def test_raw_arguments_are_the_exact_text(tokenizer):
+    raw = ' [ {"f" :{ "a":1,  "b" : [1, 2.50]} } ,{"g":{}}]\n'
+    calls = parse_tool_calls(raw)
+    assert [c.raw_arguments for c in calls] == ['{ "a":1,  "b" : [1, 2.50]}', "{}"]
+    assert calls[0].arguments == {"a": 1, "b": [1, 2.5]}
+    assert parse_tool_calls('{"f": {"x": "}"}}')[0].raw_arguments == '{"x": "}"}'  # a lone object
+
+
+def test_tool_call_ids_do_not_affect_equality():
+    assert ToolCall("f", {}, "{}", id="call_a") == ToolCall("f", {}, "{}", id="call_b")
+
+
+def test_first_space_of_each_section_is_kept(tokenizer):
+    tokens = ids(tokenizer, "<|inner_prefix|>", " Let me think", "<|inner_suffix|>", " The answer")
+    # The tokenizer's words carry their leading space, as Apertus's byte-level BPE does.
+    assert tokenizer.convert_ids_to_tokens(tokens[1])[0] == "Ġ"
+    events = parse(tokenizer, tokens)
+    assert text_of(events, "reasoning") == " Let me think"
+    assert text_of(events, "answer") == " The answer"
+    assert text_of(parse(tokenizer, ids(tokenizer, " Hello world"))) == " Hello world"
+
+
+def test_parser_can_start_inside_reasoning(tokenizer):
+    events = parse(tokenizer, ids(tokenizer, "Still thinking", "<|inner_suffix|>", "Done."), start_channel="reasoning")
+    assert text_of(events, "reasoning") == "Still thinking"
+    assert text_of(events, "answer") == "Done."
+
+
+def test_tool_call_inside_reasoning_returns_to_reasoning(tokenizer):
+    tokens = ids(tokenizer, "<|inner_prefix|>", "Look it up.", "<|tools_prefix|>", '[{"now": {}}]', "<|tools_suffix|>")
+    parser = TurnParser(tokenizer)
+    events = [e for t in tokens for e in parser.feed(t)]
+    assert text_of(events, "reasoning") == "Look it up." and parser.channel == "reasoning"
+    assert parser.tool_calls == [ToolCall("now", {}, "{}")] and not parser.tool_call_errors
 
 
 @pytest.mark.parametrize(
@@ -89,6 +129,8 @@ def test_tool_calls(tokenizer):
         ('[{"a": {}, "b": {}}]', "is not a single {name: arguments} object"),
         ('[{"get_weather": "Bern"}]', "arguments of tool 'get_weather' are not a JSON object"),
         ('"just a string"', "tool calls must be a JSON list"),
+        ("[]", "holds no calls"),
+        ('[{"f": {}, "f": {}}]', "tool calls must be a JSON list"),
     ],
 )
 def test_malformed_tool_calls_give_error_events(tokenizer, raw, message):
@@ -96,6 +138,11 @@ def test_malformed_tool_calls_give_error_events(tokenizer, raw, message):
     errors = [e for e in events if isinstance(e, ToolCallError)]
     assert len(errors) == 1 and message in errors[0].message and errors[0].raw == raw
     assert parse_tool_calls(raw) == errors
+    # The parser says the block ended with no call, so a session does not end the turn as `tool_calls`.
+    parser = TurnParser(tokenizer)
+    for token in ids(tokenizer, "<|tools_prefix|>", raw, "<|tools_suffix|>"):
+        parser.feed(token)
+    assert parser.tool_calls == [] and parser.tool_call_errors == errors
 
 
 def test_truncated_tool_call(tokenizer):
