@@ -125,8 +125,8 @@ class Engine:
             while not receipt.finished:
                 yield receipt.take(await events.get())
         finally:
-            receipt.stop()
-            if not turn.settled.is_set():
+            if not receipt.finished:  # stopped early: the engine ends the turn, then the history is final
+                receipt.stop()
                 await loop.run_in_executor(None, self._wait_settled, turn)
 
     def close(self, cancel: bool = True, timeout: float | None = None) -> None:

@@ -249,6 +249,9 @@ class ChatSession:
                 link = Path(tmp) / "chat.safetensors"
                 os.symlink(Path(path).resolve(), link)
                 cache, metadata = load_prompt_cache(str(link), return_metadata=True)
+            # Read now: arrays still lazy here would belong to this thread's stream, and the engine's
+            # thread could not evaluate them.
+            mx.eval([c.state for c in cache])
             meta = json.loads(metadata["chat"])
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             raise ApertusError(f"{path}: not a saved chat ({str(e).splitlines()[0] if str(e) else e!r})") from None

@@ -61,7 +61,9 @@ def test_reasoning_then_answer_then_tool_call_ends_the_turn(tokenizer):
     assert finish == "tool_calls"
     assert consumed == script.index(tokenizer.convert_tokens_to_ids("<|tools_suffix|>")) + 1
     assert text_of(events, "reasoning") == "Need weather." and text_of(events) == "One moment."
-    assert [e for e in events if isinstance(e, ToolCall)] == [ToolCall("get_weather", {"city": "Zürich"})]
+    assert [e for e in events if isinstance(e, ToolCall)] == [
+        ToolCall("get_weather", {"city": "Zürich"}, '{"city": "Zürich"}')
+    ]
 
 
 def test_held_back_answer_text_comes_before_the_tool_call(tokenizer):
