@@ -61,8 +61,8 @@ def make_prompts(render: Callable[[str], list[int]], count: int, length: int) ->
 
 def _fit(render: Callable[[str], list[int]], words: list[str], length: int) -> tuple[str, list[int]]:
     lo, hi = 1, len(words)  # the most words whose rendering is at most `length` tokens
-    if len(render(words[0])) > length:
-        raise ValueError(f"a {length}-token prompt is shorter than the chat template itself")
+    if (least := len(render(words[0]))) > length:
+        raise ValueError(f"a {length}-token prompt is too short: one word in the chat template is {least} tokens")
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if len(render(" ".join(words[:mid]))) <= length else (lo, mid - 1)
