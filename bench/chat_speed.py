@@ -195,8 +195,8 @@ def concurrent_sessions(args, weights: Path, label: str) -> dict:
     try:
         engine.tokenizer.eos_token_ids = set()  # every turn runs to its max_tokens, as mlx-lm's (no stop tokens)
         theirs_model, _ = mlx_lm_load(str(weights))
-        dtype = engine.call(lambda: str(engine.model.model.embed_tokens.weight.dtype)).result()
-        result = {"dtype": dtype, **concurrency.run(engine, theirs_model, args)}
+        dtype, quantized = engine.call(_precision, engine.model).result()
+        result = {"dtype": dtype, "quantization": quantized, **concurrency.run(engine, theirs_model, args)}
     finally:
         engine.close()
     print(f"\nconcurrent sessions on {mx.default_device()} | {label} | {dtype}")
@@ -206,6 +206,14 @@ def concurrent_sessions(args, weights: Path, label: str) -> dict:
     )
     print(concurrency.markdown(result))
     return result
+
+
+def _precision(model) -> tuple[str, str | None]:
+    """The model's float type (e.g. "float32") and its layers' quantization (e.g. "4-bit g64"), if any."""
+    dtype = str(model.model.norm.weight.dtype).removeprefix("mlx.core.")
+    linear = model.layers[0].mlp.up_proj
+    quantized = isinstance(linear, nn.QuantizedLinear)
+    return dtype, f"{linear.bits}-bit g{linear.group_size}" if quantized else None
 
 
 def _counts(text: str) -> list[int]:

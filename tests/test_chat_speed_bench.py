@@ -16,7 +16,7 @@ def test_concurrent_sessions_report_rates_first_tokens_and_batched_vs_solo_agree
     assert main(argv) == 0
 
     result = json.loads(out.read_text())["concurrency"]
-    assert result["dtype"] == "mlx.core.float32"
+    assert result["dtype"] == "float32" and result["quantization"] is None
     assert len(result["prompt_tokens"]) == 4 and set(result["prompt_tokens"]) == {128}  # 4: the first-token test
     assert set(result["decode"]) == {"1", "2"} and result["scaling_4_over_1"] is None
     for n, d in result["decode"].items():
