@@ -2,11 +2,16 @@
 
     python -m bench.chat_speed                       # the yardstick `small` model (CPU-friendly)
     python -m bench.chat_speed --shape 8b --bits 4   # random weights in the Apertus-8B shape, 4-bit g64
+    python -m bench.chat_speed --shape 8b --bits 4 --sessions 1,4,8 --no-single   # concurrent sessions only
 
 Measures prompt tokens/s, generation tokens/s, time to first token of turn 5 of a chat, and peak
 memory, each the median of `--repeats` alternating runs after a warm-up, and prints ours / mlx-lm.
 On turn 5 we prefill only the new tokens; mlx-lm's `generate` re-reads the whole chat, as it does
 when called once per turn. Writes the numbers as JSON with `--out`.
+
+With `--sessions`, also N concurrent sessions on one `Engine` against mlx-lm's `BatchGenerator`: aggregate
+decode tokens/s, a new session's first token while 3 others decode, and batched vs solo greedy tokens
+(see `bench/concurrency.py`); the JSON's `concurrency` key holds those numbers.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from mlx_lm.sample_utils import make_sampler
 import apertus_mlx
 from apertus_mlx import ChatSession, SamplingOptions
 
+from . import concurrency
 from .shapes import SHAPES, SMALL, random_model, save_layer_by_layer
 
 TEXT = (
@@ -111,42 +117,61 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turns", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, help="write the results as JSON here")
+    g = p.add_argument_group("concurrent sessions (one Engine) vs mlx-lm's BatchGenerator")
+    g.add_argument("--sessions", type=_counts, help="comma-separated session counts, e.g. 1,4,8 (default: skip)")
+    g.add_argument("--session-prompt-tokens", type=int, default=512, help="each session's prompt (whole chat)")
+    g.add_argument("--max-tokens", type=int, default=128, help="tokens each concurrent session generates")
+    g.add_argument("--busy-tokens", type=int, default=512, help="the 3 sessions decoding while a 4th starts: at most")
+    g.add_argument("--agree-batch", type=int, default=4, help="batch size of the batched vs solo comparison")
+    g.add_argument("--no-single", action="store_true", help="skip the single-session comparison")
     args = p.parse_args(argv)
 
+    label = (args.shape and f"random {args.shape}") or str(args.model or "yardstick small")
+    quant = f", {args.bits}-bit g{args.group_size}" if args.bits else ""
+    out: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(mx.default_device())}
     with tempfile.TemporaryDirectory(prefix="chat-speed-") as tmp:
         weights = prepare_weights(args, Path(tmp))
-        log("loading with apertus-mlx and with mlx-lm")
-        ours_model, ours_tok = apertus_mlx.load(weights)
-        theirs_model, theirs_tok = mlx_lm_load(str(weights))
-        for tok in (ours_tok, theirs_tok):  # every run generates exactly --gen-tokens tokens
-            tok.eos_token_ids = set()
-        messages = chat_turns(args.prompt_tokens, args.turns)
+        if not args.no_single:
+            out.update(single_session(args, weights, label + quant))
+        if args.sessions:
+            out["concurrency"] = concurrent_sessions(args, weights, label + quant)
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=2))
+    return 0
 
-        runs = {"ours": [], "mlx-lm": []}
-        for i in range(args.repeats + 1):  # the first round warms up and is discarded
-            ours = run_ours(ours_model, ours_tok, messages, args.gen_tokens)
-            # mlx-lm gets the very same prompt tokens, one full prompt per turn.
-            history = ours.pop("history")
-            prompts = []
-            for turn in range(args.turns):
-                session = ChatSession(ours_model, ours_tok)
-                session.messages = history[: 2 * turn + 1]  # turns so far and the new question
-                prompts.append(session.render())
-            assert [len(x) for x in prompts] == ours.pop("prompts")
-            theirs = run_mlx_lm(theirs_model, theirs_tok, prompts, args.gen_tokens)
-            if i:
-                runs["ours"].append(ours)
-                runs["mlx-lm"].append(theirs)
-            warm = " (warm-up)" if i == 0 else ""
-            log(f"round {i}/{args.repeats}{warm}: ours {_short(ours)} | mlx-lm {_short(theirs)}")
+
+def single_session(args, weights: Path, label: str) -> dict:
+    """One chat of `--turns` turns, ours vs `stream_generate`; prints the table, returns the numbers."""
+    log("loading with apertus-mlx and with mlx-lm")
+    ours_model, ours_tok = apertus_mlx.load(weights)
+    theirs_model, theirs_tok = mlx_lm_load(str(weights))
+    for tok in (ours_tok, theirs_tok):  # every run generates exactly --gen-tokens tokens
+        tok.eos_token_ids = set()
+    messages = chat_turns(args.prompt_tokens, args.turns)
+
+    runs = {"ours": [], "mlx-lm": []}
+    for i in range(args.repeats + 1):  # the first round warms up and is discarded
+        ours = run_ours(ours_model, ours_tok, messages, args.gen_tokens)
+        # mlx-lm gets the very same prompt tokens, one full prompt per turn.
+        history = ours.pop("history")
+        prompts = []
+        for turn in range(args.turns):
+            session = ChatSession(ours_model, ours_tok)
+            session.messages = history[: 2 * turn + 1]  # turns so far and the new question
+            prompts.append(session.render())
+        assert [len(x) for x in prompts] == ours.pop("prompts")
+        theirs = run_mlx_lm(theirs_model, theirs_tok, prompts, args.gen_tokens)
+        if i:
+            runs["ours"].append(ours)
+            runs["mlx-lm"].append(theirs)
+        warm = " (warm-up)" if i == 0 else ""
+        log(f"round {i}/{args.repeats}{warm}: ours {_short(ours)} | mlx-lm {_short(theirs)}")
 
     keys = ["prompt_tps", "generation_tps", "ttft_last_turn", "peak_memory_gb"]
     summary = {side: {k: median([r[k] for r in rs]) for k in keys} for side, rs in runs.items()}
     ratios = {k: summary["ours"][k] / summary["mlx-lm"][k] for k in keys}
     better = {"prompt_tps": "higher", "generation_tps": "higher", "ttft_last_turn": "lower", "peak_memory_gb": "lower"}
-    label = (args.shape and f"random {args.shape}") or str(args.model or "yardstick small")
-    quant = f", {args.bits}-bit g{args.group_size}" if args.bits else ""
-    print(f"\nchat speed on {mx.default_device()} | {label}{quant}")
+    print(f"\nchat speed on {mx.default_device()} | {label}")
     print(
         f"first prompt {len(prompts[0])} tokens, {args.gen_tokens} generated per turn, "
         f"turn {args.turns} prompt {len(prompts[-1])} tokens"
@@ -160,20 +185,42 @@ def main(argv: list[str] | None = None) -> int:
     }
     for k in keys:
         print(f"{names[k]:<26}{summary['ours'][k]:>12.3f}{summary['mlx-lm'][k]:>12.3f}{ratios[k]:>14.3f}  {better[k]}")
-    if args.out:
-        args.out.write_text(
-            json.dumps(
-                {
-                    "args": {k: str(v) for k, v in vars(args).items()},
-                    "device": str(mx.default_device()),
-                    "summary": summary,
-                    "ratios": ratios,
-                    "runs": runs,
-                },
-                indent=2,
-            )
-        )
-    return 0
+    return {"summary": summary, "ratios": ratios, "runs": runs}
+
+
+def concurrent_sessions(args, weights: Path, label: str) -> dict:
+    """`--sessions` concurrent sessions on one Engine vs `BatchGenerator`; prints the tables, returns the numbers."""
+    log("loading an Engine and, for mlx-lm, the same weights")
+    engine = apertus_mlx.Engine(weights).wait_ready()
+    try:
+        engine.tokenizer.eos_token_ids = set()  # every turn runs to its max_tokens, as mlx-lm's (no stop tokens)
+        theirs_model, _ = mlx_lm_load(str(weights))
+        dtype, quantized = engine.call(_precision, engine.model).result()
+        result = {"dtype": dtype, "quantization": quantized, **concurrency.run(engine, theirs_model, args)}
+    finally:
+        engine.close()
+    print(f"\nconcurrent sessions on {mx.default_device()} | {label} | {dtype}")
+    print(
+        f"prompts of {max(result['prompt_tokens'])} tokens, {args.max_tokens} generated each, "
+        f"median of {args.repeats} after a warm-up\n"
+    )
+    print(concurrency.markdown(result))
+    return result
+
+
+def _precision(model) -> tuple[str, str | None]:
+    """The model's float type (e.g. "float32") and its layers' quantization (e.g. "4-bit g64"), if any."""
+    dtype = str(model.model.norm.weight.dtype).removeprefix("mlx.core.")
+    linear = model.layers[0].mlp.up_proj
+    quantized = isinstance(linear, nn.QuantizedLinear)
+    return dtype, f"{linear.bits}-bit g{linear.group_size}" if quantized else None
+
+
+def _counts(text: str) -> list[int]:
+    counts = [int(x) for x in text.split(",") if x.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected session counts like 1,4,8, got {text!r}")
+    return counts
 
 
 def _short(r: dict) -> str:
