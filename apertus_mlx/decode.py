@@ -116,8 +116,15 @@ class DecodeBatch:
         logits = self.model(inputs, cache=cache)[:, -1, :]
         if self.kv_quant:
             self.kv_quant.apply(cache)
+        # Plain greedy rows share one argmax: fewer ops per step than sampling row by row.
+        greedy = [i for i, m in enumerate(self.members) if m.sampler.plain_greedy and m.top_logprobs is None]
+        if len(greedy) > 1:
+            rows = logits if len(greedy) == len(self.members) else logits[mx.array(greedy)]
+            for i, token in zip(greedy, mx.split(mx.argmax(rows, axis=-1), len(greedy)), strict=True):
+                self.members[i].upcoming = Sampled(token)
         for i, m in enumerate(self.members):
-            m.upcoming = sample(m, logits[i : i + 1])
+            if len(greedy) <= 1 or i not in greedy:
+                m.upcoming = sample(m, logits[i : i + 1])
         mx.async_eval([a for m in self.members for a in m.upcoming.arrays()])
 
 

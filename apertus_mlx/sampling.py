@@ -74,6 +74,11 @@ class TokenSampler:
     def needs_history(self) -> bool:
         return self._penalty is not None
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits, so rows can share one op."""
+        return self.options.temperature == 0 and self._penalty is None
+
     def __call__(self, logits: mx.array, history: mx.array | None = None) -> tuple[mx.array, mx.array]:
         """(token of shape (1,), log-probabilities of shape (1, vocab)) for logits of shape (1, vocab)."""
         if self._penalty is not None and history is not None:
