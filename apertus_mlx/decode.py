@@ -48,21 +48,21 @@ class Member(Protocol):
 
     cache: list[Any]
     sampler: TokenSampler
-    pending: Sampled | None  # the last sampled token, the input of the next step
+    pending: Sampled | None  # the last sampled token (not read yet), the input of the next step
     upcoming: Sampled | None  # what the next step samples
     recent: list[int]  # the last tokens of the sequence before `pending`, for the repetition penalty
     top_logprobs: int | None
 
 
-def sample(member: Member, logits: mx.array) -> Sampled:
-    """Sample `member`'s next token from its row of logits (1, vocab)."""
+def sample(member: Member, logits: mx.array, last: mx.array | None = None) -> Sampled:
+    """Sample `member`'s next token from its row of logits (1, vocab); `last` is its unread last token."""
     history = None
     if member.sampler.needs_history:
-        if member.pending is None:  # the first token: the history is the prompt's tail
+        if last is None:  # the first token: the history is the prompt's tail
             history = mx.array(member.recent[-PENALTY_CONTEXT:], dtype=mx.int32)
         else:
             recent = mx.array(member.recent[-(PENALTY_CONTEXT - 1) :], dtype=mx.int32)
-            history = mx.concatenate([recent, member.pending.token.astype(mx.int32)])
+            history = mx.concatenate([recent, last.astype(mx.int32)])
     token, logprobs = member.sampler(logits, history)
     if member.top_logprobs is None:
         return Sampled(token)
@@ -77,30 +77,37 @@ def sample(member: Member, logits: mx.array) -> Sampled:
 
 
 class DecodeBatch:
-    """Sessions that decode together: one forward per step for all of them."""
+    """Sessions that decode together: one forward per step for all of them.
+
+    The members' unread tokens live in one array, so a step reads them with one host sync.
+    """
 
     def __init__(self, model: Any, kv_quant: KVQuantization | None = None):
         self.model = model
         self.kv_quant = kv_quant  # only for a batch of one: quantized caches are not merged
         self.members: list[Member] = []
         self._merged: list[BatchKVCache] | None = None  # while two or more members decode
+        self._tokens: mx.array | None = None  # (members,) the pending tokens, the next step's input
+        self._next: mx.array | None = None  # (members,) the tokens the dispatched step samples
 
     def add(self, member: Member) -> None:
+        """Join between steps, with `member.pending` sampled from its prompt."""
         if len(self.members) == 1:
-            self._merged = [
-                BatchKVCache.merge([a, b]) for a, b in zip(self.members[0].cache, member.cache, strict=True)
-            ]
+            pairs = zip(self.members[0].cache, member.cache, strict=True)
+            self._merged = [BatchKVCache.merge([a, b]) for a, b in pairs]
         elif self.members:
             for layer, c in zip(self._merged, member.cache, strict=True):
                 layer.extend(BatchKVCache.merge([c]))
+        token = member.pending.token
+        self._tokens = token if self._tokens is None else mx.concatenate([self._tokens, token])
         self.members.append(member)
 
     def remove(self, member: Member) -> None:
         """Take `member` out; its own cache gets back its keys and values (then the caller trims it)."""
         i = self.members.index(member)
+        keep = [j for j in range(len(self.members)) if j != i]
         if self._merged is not None:
             member.cache[:] = [layer.extract(i) for layer in self._merged]
-            keep = [j for j in range(len(self.members)) if j != i]
             if len(keep) == 1:
                 self.members[keep[0]].cache[:] = [layer.extract(keep[0]) for layer in self._merged]
                 self._merged = None
@@ -108,24 +115,37 @@ class DecodeBatch:
                 for layer in self._merged:
                     layer.filter(keep)
         self.members.pop(i)
+        index = mx.array(keep)
+        self._tokens = self._tokens[index] if keep and self._tokens is not None else None
+        self._next = self._next[index] if keep and self._next is not None else None
 
     def dispatch(self) -> None:
-        """Start the next step: each member's `upcoming` token, computed from its `pending` one."""
-        inputs = mx.concatenate([m.pending.token for m in self.members])[:, None]
+        """Start the next step: every member's `upcoming` token, computed from its pending one."""
         cache = self._merged if self._merged is not None else self.members[0].cache
-        logits = self.model(inputs, cache=cache)[:, -1, :]
+        logits = self.model(self._tokens[:, None], cache=cache)[:, -1, :]
         if self.kv_quant:
             self.kv_quant.apply(cache)
-        # Plain greedy rows share one argmax: fewer ops per step than sampling row by row.
-        greedy = [i for i, m in enumerate(self.members) if m.sampler.plain_greedy and m.top_logprobs is None]
-        if len(greedy) > 1:
-            rows = logits if len(greedy) == len(self.members) else logits[mx.array(greedy)]
-            for i, token in zip(greedy, mx.split(mx.argmax(rows, axis=-1), len(greedy)), strict=True):
-                self.members[i].upcoming = Sampled(token)
-        for i, m in enumerate(self.members):
-            if len(greedy) <= 1 or i not in greedy:
-                m.upcoming = sample(m, logits[i : i + 1])
-        mx.async_eval([a for m in self.members for a in m.upcoming.arrays()])
+        if all(m.sampler.plain_greedy and m.top_logprobs is None for m in self.members):
+            # The common case shares one argmax: no per-row ops at all.
+            self._next = mx.argmax(logits, axis=-1)
+            for m in self.members:
+                m.upcoming = None
+        else:
+            for i, m in enumerate(self.members):
+                m.upcoming = sample(m, logits[i : i + 1], self._tokens[i : i + 1])
+            self._next = mx.concatenate([m.upcoming.token for m in self.members])
+        extras = [a for m in self.members if m.upcoming is not None for a in m.upcoming.arrays()[1:]]
+        mx.async_eval(self._next, *extras)
+
+    def read(self) -> list[int]:
+        """The pending tokens, in member order: one host sync for the whole batch."""
+        return self._tokens.tolist()
+
+    def advance(self) -> None:
+        """After the pending tokens were read: the dispatched step's tokens become the pending ones."""
+        self._tokens, self._next = self._next, None
+        for m in self.members:
+            m.pending, m.upcoming = m.upcoming, None
 
 
 def speculative_step(

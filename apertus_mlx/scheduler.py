@@ -117,9 +117,8 @@ class Scheduler:
             if not all(run.final for run in group.members):
                 self._guard(list(group.members), group.dispatch)
         for group in groups:
-            for run in list(group.members):
-                self._guard([run], self._emit, run, run.pending)
-                run.pending, run.upcoming = run.upcoming, None
+            if group.members:
+                self._emit_all(group)
         for run in list(self.speculative):
             self._guard([run], self._speculate, run)
 
@@ -209,12 +208,20 @@ class Scheduler:
 
     # ---- decoding ---------------------------------------------------------------------------------
 
-    def _emit(self, run: Run, sampled: Sampled) -> None:
-        """Read one sampled token, stream its events, and end the turn if it is over."""
-        token = sampled.token.item()
+    def _emit_all(self, group: DecodeBatch) -> None:
+        members = list(group.members)
+        tokens: list[int] = []
+        self._guard(members, lambda: tokens.extend(group.read()))
+        for run, token in zip(members, tokens, strict=False):
+            self._guard([run], self._emit, run, token)
+        group.advance()
+
+    def _emit(self, run: Run, token: int) -> None:
+        """Stream the events of one sampled token, and end the turn if it is over."""
         if run.first_token is None:
             run.first_token = time.perf_counter()
-        if sampled.logprob is not None:
+        sampled = run.pending
+        if sampled is not None and sampled.logprob is not None:
             top = ()
             if sampled.top is not None:
                 top = tuple(zip(sampled.top[0].tolist(), sampled.top[1].tolist(), strict=True))
