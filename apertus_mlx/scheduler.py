@@ -50,7 +50,6 @@ class Run:
         self.accepted = 0  # draft tokens accepted
         self.draft_unseen: list[int] = []
         self.started = time.perf_counter()
-        self.prefill_done: float | None = None
         self.first_token: float | None = None
 
     @property
@@ -65,7 +64,7 @@ class Run:
     def stats(self) -> Stats:
         end = time.perf_counter()
         first = self.first_token or end
-        prefill_time = (self.prefill_done or end) - self.started
+        prefill_time = first - self.started  # the prompt is read once its first token is out, as mlx-lm counts
         prefilled, n = len(self.prompt) - self.reused, len(self.generated)
         return Stats(
             prompt_tokens=len(self.prompt),
@@ -107,9 +106,7 @@ class Scheduler:
         for run in list(self._runs.values()):
             if run.turn.cancelled.is_set():
                 self._finish(run, "cancelled")
-        if self.prefilling:
-            run = self.prefilling.pop(0)
-            self._guard([run], self._prefill_chunk, run)
+        self._prefill()
         groups = [self.batch] if self.batch.members else []
         groups += [run.group for run in self.solo]
         for group in groups:
@@ -165,9 +162,29 @@ class Scheduler:
             self._runs[turn.id] = run
             self.prefilling.append(run)
 
-    def _prefill_chunk(self, run: Run) -> None:
+    def _prefill(self) -> None:
+        """Read prompt chunks, each turn's in turn, until this step's time budget is spent.
+
+        Several short prompts that arrive together are all read before the next decode step, so
+        they start decoding in the same batch.
+        """
+        decoding = len(self._runs) - len(self.prefilling)
+        budget = PREFILL_SECONDS if len(self._runs) > 1 else PREFILL_SECONDS_ALONE
+        deadline = time.perf_counter() + budget
+        seen: set[int] = set()
+        while self.prefilling:
+            left = deadline - time.perf_counter()
+            run = self.prefilling[0]
+            # The first chunk always runs; later ones only while the budget lasts, and a turn
+            # reads one chunk per step while others decode, so their next tokens are not held up.
+            if seen and (left * self.prefill_rate < 16 or (decoding and run.turn.id in seen)):
+                return
+            seen.add(run.turn.id)
+            self.prefilling.pop(0)
+            self._guard([run], self._prefill_chunk, run, max(left, 0.0))
+
+    def _prefill_chunk(self, run: Run, seconds: float) -> None:
         start = time.perf_counter()
-        seconds = PREFILL_SECONDS if len(self._runs) > 1 else PREFILL_SECONDS_ALONE
         size = max(16, min(int(self.prefill_rate * seconds), run.session.prefill_step_size))
         end = min(run.pos + size, run.prefill_end)
         chunk = run.prompt[run.pos : end]
@@ -187,14 +204,13 @@ class Scheduler:
             if not last and elapsed > 0:  # the last chunk's time is not known until its token is read
                 # Grow at most 4x a chunk, so one slow chunk never overshoots the time target by much.
                 rate = min(len(chunk) / elapsed, 4 * self.prefill_rate)
-                self.prefill_rate = _prefill_rates[id(self.model)] = 0.5 * self.prefill_rate + 0.5 * rate
+                self.prefill_rate = _prefill_rates[id(self.model)] = rate
         run.pos = end
         if end > run.reused:
             run.turn.put(PrefillProgress(end - run.reused, len(run.prompt) - run.reused))
         if run.pos < run.prefill_end or (run.pending is None and run.session.draft_model is None):
             self.prefilling.append(run)  # more to read: back of the line, after the others' chunks
             return
-        run.prefill_done = time.perf_counter()
         if run.session.draft_model is not None:
             run.draft_unseen = [run.prompt[-1]]
             self.speculative.append(run)
