@@ -201,7 +201,9 @@ class Scheduler:
             else:
                 mx.eval([c.state for c in run.cache])
             elapsed = time.perf_counter() - start
-            if not last and elapsed > 0:  # the last chunk's time is not known until its token is read
+            # Learn the rate only from chunks timed alone: the last chunk's time is not known until its
+            # token is read, and a chunk read while others decode also waits for their step.
+            if not last and elapsed > 0 and len(self._runs) == 1:
                 # Grow at most 4x a chunk, so one slow chunk never overshoots the time target by much.
                 rate = min(len(chunk) / elapsed, 4 * self.prefill_rate)
                 self.prefill_rate = _prefill_rates[id(self.model)] = rate
