@@ -7,6 +7,7 @@ themselves: they queue jobs here and consume the events on their own threads.
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 from .events import Event
 from .load import choose_model, load, load_model
+from .mlx_thread import release_thread_state
 from .session import ChatSession
 
 T = TypeVar("T")
@@ -34,8 +36,12 @@ class Engine:
         self.note: str | None = None  # set when the default model was not available and a fallback is used
         self._loaded: Future[None] = Future()
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._cancelled = threading.Event()  # set by close(cancel=True): turns stop, queued ones are skipped
         self._thread = threading.Thread(target=self._run, args=(model, draft_model), name="apertus-mlx", daemon=True)
         self._thread.start()
+        # The thread must be out of MLX before the interpreter finalizes (mlx_thread.py says why); atexit
+        # hooks run before finalization, so an engine the app did not close is closed there.
+        atexit.register(self._close_at_exit)
 
     def wait_ready(self, timeout: float | None = None) -> Engine:
         """Block until the model is loaded; re-raises the loading error (e.g. `ModelNotFoundError`)."""
@@ -71,8 +77,12 @@ class Engine:
 
         def job() -> None:
             try:
+                if self._cancelled.is_set():
+                    return
                 for event in session.stream(user_text, **overrides):
                     events.put(event)
+                    if self._cancelled.is_set():
+                        session.cancel()  # the turn ends after this token, with Done("cancelled")
             except BaseException as e:
                 events.put(e)
             finally:
@@ -90,19 +100,32 @@ class Engine:
             if not finished:
                 session.cancel()
 
-    def close(self, timeout: float | None = None) -> None:
-        """Finish the queued jobs, then stop the thread."""
+    def close(self, timeout: float | None = None, cancel: bool = False) -> None:
+        """Finish the queued jobs, then stop the thread.
+
+        With `cancel`, the running turn stops after its current token and queued turns are skipped.
+        """
+        if cancel:
+            self._cancelled.set()
         self._jobs.put(None)
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            atexit.unregister(self._close_at_exit)
+
+    def _close_at_exit(self) -> None:
+        self.close(cancel=True)
 
     def _run(self, model: str | os.PathLike | None, draft_model: str | os.PathLike | None) -> None:
         try:
-            self.model_path, self.note = choose_model(model)
-            self.model, self.tokenizer = load(self.model_path)
-            self.draft_model = load_model(draft_model) if draft_model else None
-        except BaseException as e:
-            self._loaded.set_exception(e)  # queued jobs still run, so no caller waits forever
-        else:
-            self._loaded.set_result(None)
-        while (job := self._jobs.get()) is not None:
-            job()
+            try:
+                self.model_path, self.note = choose_model(model)
+                self.model, self.tokenizer = load(self.model_path)
+                self.draft_model = load_model(draft_model) if draft_model else None
+            except BaseException as e:
+                self._loaded.set_exception(e)  # queued jobs still run, so no caller waits forever
+            else:
+                self._loaded.set_result(None)
+            while (job := self._jobs.get()) is not None:
+                job()
+        finally:
+            release_thread_state()  # last MLX call on this thread: see mlx_thread.py
