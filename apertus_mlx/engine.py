@@ -100,8 +100,8 @@ class Engine:
             if not finished:
                 session.cancel()
 
-    def close(self, timeout: float | None = None, cancel: bool = False) -> None:
-        """Finish the queued jobs, then stop the thread.
+    def close(self, timeout: float | None = None, cancel: bool = False) -> bool:
+        """Finish the queued jobs, then stop the thread; False if it still runs after `timeout` seconds.
 
         With `cancel`, the running turn stops after its current token and queued turns are skipped.
         """
@@ -109,8 +109,10 @@ class Engine:
             self._cancelled.set()
         self._jobs.put(None)
         self._thread.join(timeout)
-        if not self._thread.is_alive():
-            atexit.unregister(self._close_at_exit)
+        if self._thread.is_alive():
+            return False
+        atexit.unregister(self._close_at_exit)
+        return True
 
     def _close_at_exit(self) -> None:
         self.close(cancel=True)

@@ -44,6 +44,8 @@ class SamplingOptions:
             raise ApertusError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ApertusError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ApertusError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 class ChatSession:
