@@ -1,5 +1,8 @@
 """apertus-mlx: the Swiss AI Apertus language models on Apple silicon with MLX."""
 
+import sys
+import types
+
 from .engine import Engine
 from .errors import ApertusError, CheckpointError, ConfigError, ModelNotFoundError
 from .events import Done, Event, PrefillProgress, Stats, TextDelta, TokenLogprobs, ToolCall, ToolCallError
@@ -36,3 +39,20 @@ __all__ = [
     "resolve",
     "save_model",
 ]
+
+
+class _Package(types.ModuleType):
+    """`apertus_mlx.generate` is the one-shot function, and `python -m apertus_mlx.generate` the CLI module.
+
+    Importing a submodule binds it as an attribute of its package, so `import apertus_mlx.generate` (or
+    `from apertus_mlx.generate import main`) would replace the function with the module; the import system
+    tolerates a package that declines the binding, and the module stays reachable in `sys.modules`.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "generate" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -9,6 +9,7 @@ scheduler steps the thread also runs `call()` jobs, so none of them waits for a 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import queue
 import threading
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 from .errors import EngineClosedError, TurnError
 from .events import Event
 from .load import choose_model, load, load_model
+from .mlx_thread import release_thread_state
 from .scheduler import Scheduler
 from .session import ChatSession
 from .turn import Receipt, Turn, TurnStream
@@ -42,6 +44,9 @@ class Engine:
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(model, draft_model), name="apertus-mlx", daemon=True)
         self._thread.start()
+        # The thread must be out of MLX before the interpreter finalizes (mlx_thread.py says why); atexit
+        # hooks run before finalization, so an engine the app did not close is closed there.
+        atexit.register(self._close_at_exit)
 
     # ---- set-up and plain jobs ------------------------------------------------------------------
 
@@ -129,17 +134,25 @@ class Engine:
                 receipt.stop()
                 await loop.run_in_executor(None, self._wait_settled, turn)
 
-    def close(self, cancel: bool = True, timeout: float | None = None) -> None:
+    def close(self, cancel: bool = True, timeout: float | None = None) -> bool:
         """Stop the engine: running turns end as cancelled (or, with `cancel=False`, finish first).
 
-        Afterwards `call`, `stream` and `session` raise `EngineClosedError`.
+        Afterwards `call`, `stream` and `session` raise `EngineClosedError`. Returns whether the MLX
+        thread has ended (False if `timeout` ran out first, e.g. in the middle of loading the model).
         """
         self._closing.set()
         self._inbox.put(("close", cancel))
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-            if not self._thread.is_alive():
-                self._refuse_rest()
+        if threading.current_thread() is self._thread:
+            return False
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        self._refuse_rest()
+        atexit.unregister(self._close_at_exit)
+        return True
+
+    def _close_at_exit(self) -> None:
+        self.close(cancel=True)
 
     # ---- the MLX thread -----------------------------------------------------------------------------
 
@@ -161,8 +174,11 @@ class Engine:
                     except Exception as e:  # a bug outside any one turn: fail them all, keep serving
                         scheduler.fail_all(TurnError.wrap(e))
         finally:
-            scheduler.cancel_all(EngineClosedError("the engine was closed"))
-            self._refuse_rest()
+            try:
+                scheduler.cancel_all(EngineClosedError("the engine was closed"))
+                self._refuse_rest()
+            finally:
+                release_thread_state()  # the last MLX call on this thread: see mlx_thread.py
 
     def _handle(self, scheduler: Scheduler, block: bool) -> bool:
         """Take everything posted so far (waiting for something when `block`); False once closing."""

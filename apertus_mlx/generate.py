@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
+from contextlib import closing, suppress
 from typing import TextIO
 
 from . import __version__
@@ -12,7 +16,9 @@ from .engine import Engine
 from .errors import ApertusError
 from .events import Done, Event, TextDelta, ToolCall, ToolCallError
 from .load import DEFAULT_MODEL
-from .session import SamplingOptions
+from .session import SamplingOptions, check_cache_settings
+
+STOP_WAIT_S = 2.0  # how long an interrupted CLI waits for the MLX thread before it exits without it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin) -> int:
     args = build_parser().parse_args(argv)
+    engine, status = None, 1
     try:
         prompt = stdin.read() if args.prompt == "-" else args.prompt
         options = SamplingOptions(
@@ -60,7 +67,10 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin) -> int:
         )
         if not prompt.strip():
             raise ApertusError("empty prompt: pass --prompt TEXT (or --prompt - with text on stdin)")
-        engine = Engine(args.model, draft_model=args.draft_model).wait_ready()
+        # Refused before the model loads, which takes seconds.
+        check_cache_settings(bool(args.draft_model), args.num_draft_tokens, args.kv_bits, args.max_kv_size)
+        engine = Engine(args.model, draft_model=args.draft_model)
+        engine.wait_ready()
         if engine.note:
             print(engine.note, file=sys.stderr)
         if args.verbose:
@@ -74,13 +84,43 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin) -> int:
             kv_group_size=args.kv_group_size,
             max_kv_size=args.max_kv_size,
         )
-        return _print_turn(engine.stream(session, prompt), args.think)
+        with closing(engine.stream(session, prompt)) as events:  # closing the stream cancels the turn
+            status = _print_turn(events, args.think)
     except ApertusError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        status = 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, and keep the final flush quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        if engine is not None:
+            _stop(engine, status)
+    return status
+
+
+def _stop(engine: Engine, status: int) -> None:
+    """End the engine's MLX thread before the interpreter finalizes, on every path (mlx_thread.py says why).
+
+    A cancelled turn stops after its current token, but a model load or a prefill chunk runs to its end;
+    if that takes longer than `STOP_WAIT_S`, or on a second Ctrl-C, the process exits at once through
+    `os._exit`, which skips finalization and so cannot abort inside MLX.
+    """
+
+    def quit_now(code: int) -> None:
+        with suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: quit_now(130)) if in_main_thread else None
+    try:
+        if not engine.close(timeout=STOP_WAIT_S, cancel=True):
+            quit_now(status)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _print_turn(events: Iterator[Event], show_reasoning: bool) -> int:

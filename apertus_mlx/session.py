@@ -276,29 +276,32 @@ def _stepping(received: deque[Any], step: Callable[[], None]) -> Callable[[], An
     return next_item
 
 
+def check_cache_settings(
+    draft: bool, num_draft_tokens: int = 3, kv_bits: int | None = None, max_kv_size: int | None = None
+) -> None:
+    """Refuse, in one line naming the option, cache settings that cannot work (no model needed)."""
+    if draft and num_draft_tokens < 1:
+        raise ApertusError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
+    if draft and max_kv_size is not None:
+        raise ApertusError(
+            "a draft model cannot be used with max_kv_size: rejected drafts are trimmed from the cache, "
+            "which a rotating cache cannot do"
+        )
+    if kv_bits is not None and kv_bits not in (2, 3, 4, 5, 6, 8):
+        raise ApertusError(f"kv_bits must be one of 2, 3, 4, 5, 6, 8, got {kv_bits}")
+    if kv_bits is not None and max_kv_size is not None:
+        raise ApertusError("kv_bits cannot be combined with max_kv_size: a quantized KV cache cannot rotate")
+    if max_kv_size is not None and max_kv_size < MIN_KV_SIZE:
+        raise ApertusError(f"max_kv_size must be at least {MIN_KV_SIZE} tokens to hold a chat, got {max_kv_size}")
+
+
 def _check_settings(model, options, draft_model, num_draft_tokens, kv_bits, kv_group_size, max_kv_size) -> None:
-    """Refuse, in one line naming the option, combinations the caches cannot do."""
-    if draft_model is not None:
-        if num_draft_tokens < 1:
-            raise ApertusError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
-        if max_kv_size is not None:
-            raise ApertusError(
-                "a draft model cannot be used with max_kv_size: rejected drafts are trimmed from the cache, "
-                "which a rotating cache cannot do"
-            )
-        if options.repetition_penalty or options.logprobs is not None:
-            raise ApertusError("repetition_penalty and logprobs are not supported with a draft model")
-    if kv_bits is not None:
-        if kv_bits not in (2, 3, 4, 5, 6, 8):
-            raise ApertusError(f"kv_bits must be one of 2, 3, 4, 5, 6, 8, got {kv_bits}")
-        if model.args.head_dim % kv_group_size:
-            raise ApertusError(
-                f"kv_group_size {kv_group_size} does not divide the head dimension {model.args.head_dim}"
-            )
-        if max_kv_size is not None:
-            raise ApertusError("kv_bits cannot be combined with max_kv_size: a quantized KV cache cannot rotate")
-    if max_kv_size is not None and not max_kv_size >= MIN_KV_SIZE:
-        raise ApertusError(f"max_kv_size must be at least {MIN_KV_SIZE} tokens, got {max_kv_size}")
+    """`check_cache_settings`, and what depends on the model and the sampling options."""
+    check_cache_settings(draft_model is not None, num_draft_tokens, kv_bits, max_kv_size)
+    if draft_model is not None and (options.repetition_penalty or options.logprobs is not None):
+        raise ApertusError("repetition_penalty and logprobs are not supported with a draft model")
+    if kv_bits is not None and model.args.head_dim % kv_group_size:
+        raise ApertusError(f"kv_group_size {kv_group_size} does not divide the head dimension {model.args.head_dim}")
 
 
 def model_fingerprint(model: Any) -> str:

@@ -1,8 +1,10 @@
 """`python -m apertus_mlx.generate` end to end, in a subprocess as a user runs it."""
 
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -19,9 +21,13 @@ def checkpoint(tmp_path_factory):
     return save_reference(model, tmp_path_factory.mktemp("cli") / "ckpt")
 
 
-def cli(*args: str, stdin: str | None = None, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+def cli_env(env: dict | None = None) -> dict:
     base = {k: v for k, v in os.environ.items() if k != "APERTUS_MODEL"}
-    env = {**base, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return {**base, "HF_HUB_OFFLINE": "1", **(env or {})}
+
+
+def cli(*args: str, stdin: str | None = None, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    env = cli_env(env)
     return subprocess.run(
         [sys.executable, "-m", "apertus_mlx.generate", *args],
         input=stdin,
@@ -80,6 +86,7 @@ def test_sampling_flags_and_speculative_decoding(checkpoint):
         (["--prompt", "Hi", "--max-tokens", "0"], "error: max_tokens must be at least 1, got 0"),
         (["--prompt", "Hi", "--max-tokens", "-5"], "error: max_tokens must be at least 1, got -5"),
         (["--prompt", "Hi", "--kv-bits", "8"], "error: kv_group_size 64 does not divide the head dimension 32"),
+        (["--prompt", "Hi", "--repetition-penalty", "-1"], "error: repetition_penalty must be > 0, got -1.0"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(checkpoint, args, message):
@@ -88,6 +95,25 @@ def test_bad_input_gives_one_line_and_nonzero_exit(checkpoint, args, message):
     result = cli(*args)
     assert result.returncode == 1
     assert result.stderr.strip() == message
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--kv-bits", "4", "--kv-group-size", "32", "--max-kv-size", "256"], ["kv_bits", "max_kv_size"]),
+        (["--max-kv-size", "2"], ["max_kv_size"]),
+        (["--num-draft-tokens", "0"], ["num_draft_tokens"]),
+        (["--num-draft-tokens", "0", "--draft-model", "SELF"], ["num_draft_tokens"]),
+        (["--repetition-penalty", "0"], ["repetition_penalty"]),
+    ],
+)
+def test_option_errors_are_one_line_naming_the_option(checkpoint, args, names):
+    args = [str(checkpoint) if a == "SELF" else a for a in args]
+    result = cli("--model", str(checkpoint), "--prompt", "Hi", "--max-tokens", "4", *args)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert all(name in result.stderr for name in names), result.stderr
     assert result.stdout == ""
 
 
@@ -127,3 +153,97 @@ def test_think_marks_reasoning_apart_from_the_answer(capsys):
     assert "generation: 5 tokens, 50.0 tok/s" in err and "stopped: tool_calls" in err
     assert _print_turn(iter(events), show_reasoning=False) == 0
     assert capsys.readouterr().out.startswith("Bern.\n[tool call]")  # reasoning hidden without --think
+
+
+def test_ctrl_c_cancels_the_turn_and_exits_130(checkpoint):
+    # Special tokens are silenced, so the turn would run for 100000 tokens: it is cut off mid-generation.
+    args = ["--model", str(checkpoint), "--prompt", "Hi", "--max-tokens", "100000", "--temp", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apertus_mlx.generate", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )
+    try:
+        assert os.read(proc.stdout.fileno(), 1), "the answer never started"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted"
+    assert "Traceback" not in err and "terminate called" not in err
+
+
+# An Engine whose MLX thread is joined (close) or still generating (no close) when the interpreter exits.
+# Without the cleanup of mlx_thread.py about a third of the first kind and all of the second aborted.
+ENGINE_EXIT = textwrap.dedent(
+    """
+    import sys
+    from apertus_mlx import Engine
+    engine = Engine(sys.argv[1]).wait_ready()
+    session = engine.session()
+    close = sys.argv[2] == "close"
+    events = engine.stream(session, "Hi", max_tokens=8 if close else 100000, temperature=0.8)
+    next(events)
+    if close:
+        list(events)
+        engine.close()
+    """
+)
+
+
+def engine_exits(checkpoint, runs: int) -> list[str]:
+    """Failures among `runs` subprocesses, half closing the engine, half exiting mid-turn; two at a time."""
+    failures = []
+    for batch in range(0, runs, 2):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", ENGINE_EXIT, str(checkpoint), "close" if i % 2 else "exit"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=cli_env(),
+            )
+            for i in range(batch, min(batch + 2, runs))
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            if proc.returncode != 0 or "terminate called" in err:
+                failures.append(f"exit {proc.returncode}: {err[-300:]}")
+    return failures
+
+
+def test_engine_exits_cleanly(checkpoint):
+    assert engine_exits(checkpoint, 8) == []
+
+
+@pytest.mark.slow
+def test_engine_exits_cleanly_many_times(checkpoint):
+    assert engine_exits(checkpoint, 40) == []
+
+
+IMPORT_ORDERS = [
+    "import apertus_mlx.generate\nimport apertus_mlx",
+    "import apertus_mlx\nfunction = apertus_mlx.generate\nimport apertus_mlx.generate",
+    "from apertus_mlx.generate import main\nfrom apertus_mlx import generate",
+]
+
+
+@pytest.mark.parametrize("imports", IMPORT_ORDERS)
+def test_the_cli_module_does_not_replace_the_generate_function(imports):
+    check = (
+        "\nimport sys, apertus_mlx.session\n"
+        "assert apertus_mlx.generate is apertus_mlx.session.generate, apertus_mlx.generate\n"
+        "assert callable(sys.modules['apertus_mlx.generate'].main)\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "error", "-c", imports + check], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_cli_runs_without_a_runpy_warning():
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "apertus_mlx.generate", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.startswith("apertus-mlx "), result.stderr
