@@ -280,7 +280,7 @@ def check_cache_settings(
     draft: bool, num_draft_tokens: int = 3, kv_bits: int | None = None, max_kv_size: int | None = None
 ) -> None:
     """Refuse, in one line naming the option, cache settings that cannot work (no model needed)."""
-    if draft and num_draft_tokens < 1:
+    if num_draft_tokens < 1:
         raise ApertusError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
     if draft and max_kv_size is not None:
         raise ApertusError(

@@ -220,7 +220,7 @@ def test_logprobs_are_the_models(chat_model):
     ("kwargs", "message"),
     [
         ({"kv_bits": 4, "kv_group_size": 32, "max_kv_size": 256}, "kv_bits cannot be combined with max_kv_size"),
-        ({"max_kv_size": 2}, "max_kv_size must be at least 128 tokens, got 2"),
+        ({"max_kv_size": 2}, "max_kv_size must be at least 128 tokens to hold a chat, got 2"),
         ({"kv_bits": 7, "kv_group_size": 32}, "kv_bits must be one of"),
         ({"draft_model": "self", "num_draft_tokens": 0}, "num_draft_tokens must be at least 1, got 0"),
         ({"draft_model": "self", "max_kv_size": 256}, "draft model cannot be used with max_kv_size"),
