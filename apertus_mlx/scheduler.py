@@ -184,12 +184,15 @@ class Scheduler:
             self._guard([run], self._prefill_chunk, run, max(left, 0.0))
 
     def _prefill_chunk(self, run: Run, seconds: float) -> None:
-        start = time.perf_counter()
         size = max(16, min(int(self.prefill_rate * seconds), run.session.prefill_step_size))
         end = min(run.pos + size, run.prefill_end)
         chunk = run.prompt[run.pos : end]
         last = end == len(run.prompt)
         if chunk:
+            # Time this chunk alone: the decode step still in flight is waited for first (its tokens are
+            # read this step anyway), and the chunk's own work is waited for at its end.
+            mx.synchronize()
+            start = time.perf_counter()
             logits = self.model(mx.array(chunk)[None], cache=run.cache)
             if run.session.kv_quant:
                 run.session.kv_quant.apply(run.cache)
@@ -197,15 +200,14 @@ class Scheduler:
                 run.session.draft_model(mx.array(chunk)[None], cache=run.session.draft_cache)
             if last:
                 run.pending = sample(run, logits[:, -1, :])
-                mx.async_eval(run.pending.arrays())
+                mx.eval(run.pending.arrays())
             else:
                 mx.eval([c.state for c in run.cache])
             elapsed = time.perf_counter() - start
-            # Learn the rate only from chunks timed alone: the last chunk's time is not known until its
-            # token is read, and a chunk read while others decode also waits for their step.
-            if not last and elapsed > 0 and len(self._runs) == 1:
-                # Grow at most 4x a chunk, so one slow chunk never overshoots the time target by much.
-                rate = min(len(chunk) / elapsed, 4 * self.prefill_rate)
+            # Grow at most 4x a chunk, so one slow chunk never overshoots the time target by much; a short
+            # tail chunk, where fixed costs dominate, may raise the rate but not lower it.
+            rate = min(len(chunk) / max(elapsed, 1e-6), 4 * self.prefill_rate)
+            if len(chunk) == size or rate > self.prefill_rate:
                 self.prefill_rate = _prefill_rates[id(self.model)] = rate
         run.pos = end
         if end > run.reused:
