@@ -4,7 +4,7 @@ import sys
 import types
 
 from .engine import Engine
-from .errors import ApertusError, CheckpointError, ConfigError, ModelNotFoundError
+from .errors import ApertusError, CheckpointError, ConfigError, EngineClosedError, ModelNotFoundError, TurnError
 from .events import Done, Event, PrefillProgress, Stats, TextDelta, TokenLogprobs, ToolCall, ToolCallError
 from .load import load, load_model, load_tokenizer, make_cache, resolve
 from .model import Model, ModelArgs
@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "Done",
     "Engine",
+    "EngineClosedError",
     "Event",
     "Model",
     "ModelArgs",
@@ -31,6 +32,7 @@ __all__ = [
     "TokenLogprobs",
     "ToolCall",
     "ToolCallError",
+    "TurnError",
     "generate",
     "load",
     "load_model",
