@@ -126,7 +126,7 @@ class Scheduler:
             self._finish(run, "cancelled")
         elif turn in self.waiting:
             self.waiting.remove(turn)
-            turn.commit([], cancelled=True)
+            turn.commit()
         else:
             turn.recommit()
         turn.settled.set()
@@ -151,7 +151,7 @@ class Scheduler:
         while self.waiting and len(self._runs) < MAX_ACTIVE:
             turn = self.waiting.popleft()
             if turn.cancelled.is_set():
-                turn.commit([], cancelled=True)
+                turn.commit()
                 turn.put(Done("cancelled", turn.empty_stats()))
                 continue
             try:
@@ -301,7 +301,7 @@ class Scheduler:
         for event in run.assembler.close():
             run.turn.put(event)
         run.session.record_cached(run.prompt + run.generated)
-        run.turn.commit(run.generated, cancelled=reason == "cancelled")
+        run.turn.commit()
         a = run.turn.assembled()
         run.turn.put(Done(reason, run.stats(), a.answer, a.reasoning, a.tool_calls, list(run.generated)))
 

@@ -66,7 +66,7 @@ class Turn:
         self._sink(error)
         self.settled.set()
 
-    def commit(self, generated: list[int], cancelled: bool = False) -> None:
+    def commit(self) -> None:
         """Append the user message and the answer to the chat's history, and free the chat for the next turn."""
         message = assistant_message(self._kept())
         self.session.messages = [*self.base, *self.new_messages, message]

@@ -27,3 +27,15 @@ def load_test_tokenizer(path: Path, template: str = "project") -> Any:
     save_tokenizer(path, chat_template=TEMPLATES[template])
     (path / "config.json").write_text('{"eos_token_id": 2}')
     return load_tokenizer(path)
+
+
+def ids(tokenizer, *parts: str) -> list[int]:
+    """Token ids of the parts; a part that is a special token becomes its single id."""
+    out = []
+    for part in parts:
+        special = tokenizer.convert_tokens_to_ids(part)
+        if part.startswith("<|") and special != tokenizer.unk_token_id:
+            out.append(special)
+        else:
+            out += tokenizer.encode(part, add_special_tokens=False)
+    return out

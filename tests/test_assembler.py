@@ -2,30 +2,15 @@
 
 import pytest
 
-from apertus_mlx import TextDelta, ToolCall, ToolCallError, load_tokenizer
+from apertus_mlx import TextDelta, ToolCall, ToolCallError
 from apertus_mlx.assembler import TurnAssembler
 
-from checkpoints import save_tokenizer
+from formats import ids, load_test_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    save_tokenizer(path)
-    (path / "config.json").write_text('{"eos_token_id": 2}')
-    return load_tokenizer(path)
-
-
-def ids(tokenizer, *parts: str) -> list[int]:
-    """Token ids of the parts; a part that is a special token becomes its single id."""
-    out = []
-    for part in parts:
-        special = tokenizer.convert_tokens_to_ids(part)
-        if part.startswith("<|") and special != tokenizer.unk_token_id:
-            out.append(special)
-        else:
-            out += tokenizer.encode(part, add_special_tokens=False)
-    return out
+    return load_test_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def assemble(tokenizer, tokens, **kwargs):

@@ -16,7 +16,7 @@ from apertus_mlx.errors import ApertusError
 from apertus_mlx.events import TextDelta, ToolCall
 from apertus_mlx.turn_parser import TurnParser
 
-from formats import load_test_tokenizer
+from formats import ids, load_test_tokenizer
 
 SYSTEM = "You are a test."
 WEATHER = {
@@ -39,18 +39,6 @@ def tokenizers(tmp_path_factory):
 @pytest.fixture(params=["project", "published"])
 def fmt(request, tokenizers) -> ChatFormat:
     return ChatFormat(tokenizers[request.param])
-
-
-def ids(tokenizer, *parts: str) -> list[int]:
-    """Token ids of the parts; a part that is a special token becomes its single id."""
-    out = []
-    for part in parts:
-        special = tokenizer.convert_tokens_to_ids(part)
-        if part.startswith("<|") and special != tokenizer.unk_token_id:
-            out.append(special)
-        else:
-            out += tokenizer.encode(part, add_special_tokens=False)
-    return out
 
 
 def play(fmt: ChatFormat, prompt: list[int], *parts: str) -> tuple[list[int], dict]:

@@ -12,7 +12,7 @@ import apertus_mlx
 from apertus_mlx import ChatSession, Done, SamplingOptions, ToolCall
 
 from checkpoints import make_reference, save_reference
-from formats import TEMPLATES
+from formats import TEMPLATES, ids
 
 WEATHER = {
     "type": "function",  # OpenAI's wrapper: the published template needs it unwrapped, which the session does
@@ -38,16 +38,6 @@ class Scripted:
 
     def __getattr__(self, name):
         return getattr(self._model, name)
-
-
-def ids(tokenizer, *parts):
-    out = []
-    for part in parts:
-        if part.startswith("<|"):
-            out.append(tokenizer.convert_tokens_to_ids(part))
-        else:
-            out += tokenizer.encode(part, add_special_tokens=False)
-    return out
 
 
 @pytest.fixture(scope="module", params=["project", "published"])

@@ -5,29 +5,12 @@ import pytest
 from apertus_mlx import TextDelta, ToolCall, ToolCallError
 from apertus_mlx.turn_parser import TurnParser, parse_tool_calls
 
-from checkpoints import save_tokenizer
+from formats import ids, load_test_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from apertus_mlx import load_tokenizer
-
-    path = tmp_path_factory.mktemp("tok")
-    save_tokenizer(path)
-    (path / "config.json").write_text('{"eos_token_id": 2}')
-    return load_tokenizer(path)
-
-
-def ids(tokenizer, *parts: str) -> list[int]:
-    """Token ids of the parts; a part that is a special token becomes its single id."""
-    out = []
-    for part in parts:
-        special = tokenizer.convert_tokens_to_ids(part)
-        if part.startswith("<|") and special != tokenizer.unk_token_id:
-            out.append(special)
-        else:
-            out += tokenizer.encode(part, add_special_tokens=False)
-    return out
+    return load_test_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def parse(tokenizer, tokens: list[int], start_channel="answer"):
