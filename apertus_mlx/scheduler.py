@@ -101,7 +101,7 @@ class Scheduler:
         self.waiting.append(turn)
 
     def step(self) -> None:
-        """One round: admit, honour cancels, one prefill chunk, one decode step for each decoding turn."""
+        """One round: admit, honour cancels, read prompt chunks, one decode step for each decoding turn."""
         self._admit()
         for run in list(self._runs.values()):
             if run.turn.cancelled.is_set():
@@ -148,12 +148,12 @@ class Scheduler:
     # ---- admission and prefill ------------------------------------------------------------------
 
     def _admit(self) -> None:
+        for turn in [t for t in self.waiting if t.cancelled.is_set()]:  # however long the queue
+            self.waiting.remove(turn)
+            turn.commit()
+            turn.put(Done("cancelled", turn.empty_stats()))
         while self.waiting and len(self._runs) < MAX_ACTIVE:
             turn = self.waiting.popleft()
-            if turn.cancelled.is_set():
-                turn.commit()
-                turn.put(Done("cancelled", turn.empty_stats()))
-                continue
             try:
                 run = Run(turn)
             except Exception as e:

@@ -271,3 +271,22 @@ def test_the_default_system_text_is_fixed_when_the_chat_is_made(chat_model, monk
     assert restored.render() == prompt  # ...a saved one keeps its own, and so its cached prefix
     *_, done = restored.stream("Und?")
     assert done.stats.prefilled_tokens < done.stats.prompt_tokens / 2
+
+
+def test_a_turn_queued_behind_a_full_scheduler_is_cancelled_at_once(chat_model, monkeypatch):
+    import apertus_mlx.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "MAX_ACTIVE", 1)
+    model, tokenizer = chat_model
+    scheduler = Scheduler(model)
+    first, second = [], []
+    a = ChatSession(model, tokenizer, options=SamplingOptions(max_tokens=200, temperature=0))
+    b = ChatSession(model, tokenizer, options=GREEDY)
+    scheduler.submit(a.new_turn("Tell me a long story", {}, first.append))
+    scheduler.submit(b.new_turn("Hi", {}, second.append))
+    scheduler.step()
+    assert not second  # waiting: only one turn may run
+    b.cancel()
+    scheduler.step()
+    assert [type(e) for e in second] == [Done] and second[0].finish_reason == "cancelled"
+    assert not any(isinstance(e, Done) for e in first)  # the running turn goes on
