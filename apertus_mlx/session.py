@@ -184,11 +184,10 @@ class ChatSession:
     def record_cached(self, tokens: list[int]) -> None:
         """After a turn, note what each cache holds (decoding may have run one token ahead of what was kept)."""
         for cache, cached in self._caches():
-            offset = cache[0].offset
-            if offset > len(tokens):
-                for c in cache:
-                    c.trim(offset - len(tokens))
-                offset = len(tokens)
+            # Layer by layer: a step that failed part-way may have written to some layers only.
+            offset = min(len(tokens), *(c.offset for c in cache))
+            for c in cache:
+                c.trim(c.offset - offset)
             cached[:] = tokens[:offset]
 
     def rollback(self, prompt: list[int], reused: int) -> None:
