@@ -207,11 +207,6 @@ class ChatFormat:
                 return "answer"
         return "answer"
 
-    @staticmethod
-    def assistant_message(events: Iterable[Event]) -> Message:
-        """The canonical assistant message of a turn; see `assistant_message`."""
-        return assistant_message(events)
-
 
 def assistant_message(events: Iterable[Event]) -> Message:
     """The canonical assistant message made of the events a consumer received in one turn.

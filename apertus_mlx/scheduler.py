@@ -1,9 +1,9 @@
 """The scheduler: advances every active turn step by step on the thread that owns the model.
 
-Each `step()` reads one prefill chunk of one turn (chunks sized by time, so a cancel or a newcomer
-never waits long), then runs one decode step for every decoding turn: those with plain caches as
-one batched forward, the others (quantized or rotating caches, speculative decoding) on their own.
-Turns join and leave between steps.
+Each `step()` reads prompt chunks (sized by measured speed to a time budget, so a cancel or a
+newcomer never waits long; several prompts may share one step's budget), then runs one decode step
+for every decoding turn: those with plain caches as one batched forward, the others (quantized or
+rotating caches, speculative decoding) on their own. Turns join and leave between steps.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Any
 import mlx.core as mx
 
 from .assembler import TurnAssembler
+from .chat_format import assistant_message
 from .decode import DecodeBatch, Sampled, batchable, sample, speculative_step
 from .errors import ApertusError, TurnError
-from .events import Done, PrefillProgress, Stats, TokenLogprobs
+from .events import Done, PrefillProgress, Stats, TokenLogprobs, ToolCall
 from .sampling import TokenSampler, new_key
 from .turn import Turn
 
@@ -302,8 +303,10 @@ class Scheduler:
             run.turn.put(event)
         run.session.record_cached(run.prompt + run.generated)
         run.turn.commit()
-        a = run.turn.assembled()
-        run.turn.put(Done(reason, run.stats(), a.answer, a.reasoning, a.tool_calls, list(run.generated)))
+        said = assistant_message(run.turn.events)  # everything produced: a consumer that reads on gets it all
+        calls = [e for e in run.turn.events if isinstance(e, ToolCall)]
+        answer, reasoning = said["content"], said.get("reasoning_content", "")
+        run.turn.put(Done(reason, run.stats(), answer, reasoning, calls, list(run.generated)))
 
     def _guard(self, runs: list[Run], fn: Any, *args: Any) -> None:
         """Run `fn`; if it raises, fail those turns and leave their sessions as they were."""

@@ -12,24 +12,16 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .chat_format import assistant_message
-from .events import Done, Event, Stats, TextDelta, ToolCall
+from .events import Done, Event, Stats
 
 if TYPE_CHECKING:
     from .sampling import SamplingOptions
     from .session import ChatSession
 
 _ids = itertools.count()
-
-
-@dataclass
-class Assembled:
-    answer: str = ""
-    reasoning: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 class Turn:
@@ -79,18 +71,6 @@ class Turn:
         if self._committed is not None and messages and messages[-1] is self._committed:
             self._committed = assistant_message(self._kept())
             messages[-1] = self._committed
-
-    def assembled(self) -> Assembled:
-        """The answer, reasoning and tool calls of every event the turn produced."""
-        out = Assembled()
-        answer, reasoning = [], []
-        for event in self.events:
-            if isinstance(event, TextDelta):
-                (answer if event.channel == "answer" else reasoning).append(event.text)
-            elif isinstance(event, ToolCall):
-                out.tool_calls.append(event)
-        out.answer, out.reasoning = "".join(answer), "".join(reasoning)
-        return out
 
     def empty_stats(self) -> Stats:
         waited = time.perf_counter() - self.submitted

@@ -42,12 +42,6 @@ class TurnParser:
         self._channel: str = start_channel  # or "tools"
         self._resume: str = start_channel  # the channel a tool-call block returns to
         self._tool_text: list[str] = []
-        self.tool_calls: list[ToolCall] = []  # every well-formed call of the turn so far
-        self.tool_call_errors: list[ToolCallError] = []  # every malformed or cut-off tool-call block
-
-    @property
-    def in_tool_call(self) -> bool:
-        return self._channel == "tools"
 
     @property
     def channel(self) -> str:
@@ -65,7 +59,7 @@ class TurnParser:
             return self._switch("tools")
         if token == self._tools_end:
             events = self._switch(self._resume)
-            return events + self._record(parse_tool_calls("".join(self._tool_text)))
+            return events + parse_tool_calls("".join(self._tool_text))
         if token in self._silent:
             return []
         self._detokenizer.add_token(token)
@@ -76,15 +70,7 @@ class TurnParser:
         events = self._flush()
         if self._channel == "tools":
             raw = "".join(self._tool_text)
-            events += self._record([ToolCallError(raw, "tool call cut off before <|tools_suffix|>")])
-        return events
-
-    def _record(self, events: list[Event]) -> list[Event]:
-        for event in events:
-            if isinstance(event, ToolCall):
-                self.tool_calls.append(event)
-            elif isinstance(event, ToolCallError):
-                self.tool_call_errors.append(event)
+            events.append(ToolCallError(raw, "tool call cut off before <|tools_suffix|>"))
         return events
 
     def _switch(self, channel: str) -> list[Event]:
