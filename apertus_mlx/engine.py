@@ -22,6 +22,8 @@ from .errors import EngineClosedError, TurnError
 from .events import Event
 from .load import choose_model, load, load_model
 from .mlx_thread import release_thread_state
+from .model_info import ModelInfo, describe_model
+from .progress import LoadProgress, ProgressCallback
 from .scheduler import Scheduler
 from .session import ChatSession
 from .turn import Receipt, Turn, TurnStream
@@ -33,16 +35,28 @@ _POLL = 0.5  # seconds between checks that the engine thread is still alive, whi
 class Engine:
     """Loads a model on its own thread, then runs the turns of any number of chats there, batched."""
 
-    def __init__(self, model: str | os.PathLike | None = None, draft_model: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        draft_model: str | os.PathLike | None = None,
+        progress: ProgressCallback | None = None,
+    ):
+        """Start loading `model` (see `choose_model` for the default) on the engine's thread.
+
+        `progress` is called there with `LoadProgress` updates: the download, if any, then loading.
+        """
         self.model: Any = None
         self.tokenizer: Any = None
         self.draft_model: Any = None
         self.model_path: Path | None = None
+        self.info: ModelInfo | None = None  # name, quantization, context length, size: set once loaded
         self.note: str | None = None  # set when the default model was not available and a fallback is used
         self._loaded: Future[None] = Future()
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(model, draft_model), name="apertus-mlx", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(model, draft_model, progress), name="apertus-mlx", daemon=True
+        )
         self._thread.start()
         # The thread must be out of MLX before the interpreter finalizes (mlx_thread.py says why); atexit
         # hooks run before finalization, so an engine the app did not close is closed there.
@@ -156,11 +170,16 @@ class Engine:
 
     # ---- the MLX thread -----------------------------------------------------------------------------
 
-    def _run(self, model: str | os.PathLike | None, draft_model: str | os.PathLike | None) -> None:
+    def _run(self, model: Any, draft_model: Any, progress: ProgressCallback | None) -> None:
         try:
-            self.model_path, self.note = choose_model(model)
+            self.model_path, self.note = choose_model(model, progress)
+            self.info = describe_model(self.model_path, name=_requested_name(model, self.model_path))
+            if progress:
+                progress(LoadProgress("load", 0, 1, description=f"loading {self.info.name}"))
             self.model, self.tokenizer = load(self.model_path)
             self.draft_model = load_model(draft_model) if draft_model else None
+            if progress:
+                progress(LoadProgress("load", 1, 1, description=f"loaded {self.info.name}"))
         except BaseException as e:
             self._loaded.set_exception(e)  # jobs still run, so no caller waits forever
         else:
@@ -244,3 +263,10 @@ class Engine:
         while not turn.settled.wait(_POLL):
             if not self._thread.is_alive():
                 return
+
+
+def _requested_name(requested: Any, path: Path) -> str | None:
+    """The name the user gave (a repo id stays a repo id); None lets `describe_model` name a directory."""
+    if requested and not Path(requested).expanduser().exists():
+        return str(requested)
+    return None

@@ -17,6 +17,7 @@ from mlx_lm.utils import infer_quant_config
 
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .model import Model, ModelArgs
+from .progress import ProgressCallback, hub_tqdm
 
 # What a chat needs from a repo; skips the original PyTorch/consolidated files some repos also carry.
 _HUB_PATTERNS = ["*.json", "model*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -27,10 +28,13 @@ DEFAULT_MODEL = "swiss-ai/Apertus-8B-Instruct-2509"
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 
-def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve(
+    path_or_repo: str | os.PathLike, revision: str | None = None, progress: ProgressCallback | None = None
+) -> Path:
     """A local model directory: the path itself, or a Hugging Face snapshot (downloaded with progress bars).
 
-    Honours `HF_HUB_OFFLINE=1`, in which case only the local hub cache is consulted.
+    With `progress`, the download reports to it instead of drawing bars on the terminal. Honours
+    `HF_HUB_OFFLINE=1`, in which case only the local hub cache is consulted.
     """
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
@@ -45,7 +49,8 @@ def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Pat
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS))
+        bars = {"tqdm_class": hub_tqdm(progress)} if progress else {}
+        return Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS, **bars))
     except RepositoryNotFoundError:
         raise ModelNotFoundError(f"{name} is neither a local directory nor a Hugging Face repo") from None
     except LocalEntryNotFoundError:
@@ -57,7 +62,9 @@ def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Pat
         raise ModelNotFoundError(f"cannot download {name} from the Hugging Face hub: {_first_line(e)}") from None
 
 
-def choose_model(requested: str | os.PathLike | None = None) -> tuple[Path, str | None]:
+def choose_model(
+    requested: str | os.PathLike | None = None, progress: ProgressCallback | None = None
+) -> tuple[Path, str | None]:
     """The model directory to use, and a note when it is a fallback.
 
     Order: `requested`, then `$APERTUS_MODEL`, then `DEFAULT_MODEL` (downloaded if online); if that
@@ -65,9 +72,9 @@ def choose_model(requested: str | os.PathLike | None = None) -> tuple[Path, str 
     """
     requested = requested or os.environ.get("APERTUS_MODEL")
     if requested:
-        return resolve(requested), None
+        return resolve(requested, progress=progress), None
     try:
-        return resolve(DEFAULT_MODEL), None
+        return resolve(DEFAULT_MODEL, progress=progress), None
     except ModelNotFoundError:
         hint = "pass --model PATH_OR_REPO or set APERTUS_MODEL"
         if not (DEMO_MODEL / "config.json").is_file():
