@@ -13,6 +13,16 @@ from .load import DEMO_MODEL, load_config
 
 _BYTES_PER_PARAMETER = {"bfloat16": 2, "float16": 2, "float32": 4}
 
+# What "fits this Mac" means, for pickers and for the `budget` recipe's --ram-gb target alike.
+USABLE_RAM = 0.66  # the share of a Mac's memory the GPU may wire by default
+RUNTIME_OVERHEAD = 0.5e9  # activations, buffers, the app itself
+FIT_CONTEXT = 8192  # the chat length a model must leave room for, in tokens of 16-bit KV cache
+
+
+def fits_in_ram(weights_bytes: float, kv_bytes_per_token: float, ram_bytes: float, context: int = FIT_CONTEXT) -> bool:
+    """Whether weights, a 16-bit KV cache of `context` tokens and the runtime's overhead fit the usable RAM."""
+    return weights_bytes + kv_bytes_per_token * context + RUNTIME_OVERHEAD <= USABLE_RAM * ram_bytes
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -39,6 +49,10 @@ class ModelInfo:
     def memory_bytes(self, context: int = 8192) -> int:
         """Weights plus a 16-bit KV cache of `context` tokens: what a chat of that length needs."""
         return self.weights_bytes + self.kv_bytes_per_token * context
+
+    def fits(self, ram_bytes: float, context: int = FIT_CONTEXT) -> bool:
+        """Whether a chat of `context` tokens fits a machine with `ram_bytes` of memory (see `fits_in_ram`)."""
+        return fits_in_ram(self.weights_bytes, self.kv_bytes_per_token, ram_bytes, context)
 
 
 def describe_model(path: str | os.PathLike, name: str | None = None) -> ModelInfo:

@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from apertus_mlx.errors import ConfigError
+from apertus_mlx.model_info import RUNTIME_OVERHEAD, USABLE_RAM
 
 from .methods import METHODS, Target
 from .pipeline import Plan, Progress, layer_linears, packed_bytes, run_layer
@@ -29,8 +30,6 @@ from .recipe import Assignment, Budget, layer_index
 Width = tuple[int, int]  # (bits, group_size)
 Errors = dict[str, dict[Width, float]]
 
-USABLE_RAM = 0.66  # the share of a Mac's memory the GPU may wire by default
-RUNTIME_OVERHEAD = 0.5e9  # activations, buffers, the app itself
 EMBED, HEAD = "model.embed_tokens", "lm_head"
 HEAD_ROWS = 1024  # final hidden states used for the head: its logits are the largest product measured
 SAMPLE_SEQUENCES = 4  # calibration windows each decoder layer is re-run on, once per projection and width
