@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, TextIO
 
 from .errors import ApertusError
+from .progress import LoadProgress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     aim.add_argument("--ram-gb", type=float, metavar="GB", help="fit a Mac with this much memory, e.g. 16")
     target.add_argument("--context", type=int, metavar="TOKENS", help="with --ram-gb: context to leave room for")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--progress",
+        choices=("bars", "json"),
+        default="bars",
+        help="bars on stderr (default), or JSON lines on stdout for another program to show",
+    )
     p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
     return p
 
@@ -38,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from quant_recipes.convert import convert, estimated_bpw, tqdm_progress
     from quant_recipes.recipe import load_recipe, shipped_recipes
 
+    # A terminated conversion unwinds like Ctrl-C, so the partial output directory is removed.
+    signal.signal(signal.SIGTERM, _interrupt)
+    json_progress = JsonProgress(sys.stdout) if args.progress == "json" else None
     try:
         if args.list_recipes:
             recipes = shipped_recipes()
@@ -60,12 +75,16 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             calibration_text=args.calibration_text,
             evaluation_text=args.eval_text,
-            progress=tqdm_progress,
+            progress=json_progress.passes if json_progress else tqdm_progress,
             overwrite=args.overwrite,
             eval_sequences=args.eval_sequences,
+            download_progress=json_progress.download if json_progress else None,
         )
         for warning in report["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
+        if json_progress:
+            json_progress.done(args.out, report)
+            return 0
         print(
             f"{args.out}: {report['bits_per_weight']:.3f} bits/weight, {report['size_bytes'] / 1e6:.1f} MB, "
             f"KL {report['kl_divergence']:.5f}, top-1 {100 * report['top1_agreement']:.1f}%, "
@@ -79,6 +98,76 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+class JsonProgress:
+    """Progress as JSON lines, one object per update, at most a few per second per stage.
+
+    `{"type": "progress", "stage", "done", "total", "unit", "description"}` for the download of the source
+    and each pass of the conversion; the last update of every stage is always written. At the end,
+    `{"type": "done", "out", "bits_per_weight", "size_bytes", ...}`.
+    """
+
+    def __init__(self, out: TextIO, interval: float = 0.25):
+        self.out = out
+        self.interval = interval
+        self._last: dict[tuple[str, str], float] = {}  # (stage, description) -> when it was last written
+        self._pending: dict[tuple[str, str], dict[str, Any]] = {}  # updates held back by the throttle
+
+    def download(self, update: LoadProgress) -> None:
+        """A `resolve(progress=…)` callback: the hub's download, one bar per quantity (files, bytes)."""
+        total = update.total
+        final = total is not None and update.done >= total
+        self.update(update.stage, update.done, total, update.unit, update.description, final)
+
+    def passes(self, iterable: Iterable[Any], description: str, total: int) -> Iterator[Any]:
+        """The conversion's `progress` hook: one stage per pass over the layers."""
+        self.update(description, 0, total, "layer", description, total == 0)
+        for done, item in enumerate(iterable, 1):
+            yield item
+            self.update(description, done, total, "layer", description, done >= total)
+
+    def update(self, stage: str, done: float, total: float | None, unit: str, description: str, final: bool) -> None:
+        key = (stage, description)
+        record = {
+            "type": "progress",
+            "stage": stage,
+            "done": done,
+            "total": total,
+            "unit": unit,
+            "description": description,
+        }
+        now = time.monotonic()
+        if final or now - self._last.get(key, -1e9) >= self.interval:
+            self._pending.pop(key, None)
+            self._last[key] = now
+            self._write(record)
+        else:
+            self._pending[key] = record
+
+    def done(self, out: Path, report: dict[str, Any]) -> None:
+        for record in self._pending.values():  # a stage that ended without reaching its total
+            self._write(record)
+        self._pending.clear()
+        self._write(
+            {
+                "type": "done",
+                "out": str(out),
+                "bits_per_weight": report["bits_per_weight"],
+                "size_bytes": report["size_bytes"],
+                "kl_divergence": report["kl_divergence"],
+                "top1_agreement": report["top1_agreement"],
+                "warnings": report["warnings"],
+            }
+        )
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.out.write(json.dumps(record) + "\n")
+        self.out.flush()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 from apertus_mlx import __version__
 from apertus_mlx.load import load_config, load_model, load_tokenizer, resolve
 from apertus_mlx.model import Model, ModelArgs
+from apertus_mlx.progress import ProgressCallback
 from apertus_mlx.save import save_model
 
 from . import budget as budgets
@@ -39,10 +40,15 @@ def convert(
     progress: Progress | None = None,
     overwrite: bool = False,
     eval_sequences: int = 16,
+    download_progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
-    """Quantize `source` by `recipe` into `out_dir` (written atomically) with `quality.json` and `QUALITY.md`."""
+    """Quantize `source` by `recipe` into `out_dir` (written atomically) with `quality.json` and `QUALITY.md`.
+
+    `progress` wraps each pass over the layers; `download_progress`, when given, receives the download of a
+    hub `source` instead of the hub's own progress bars.
+    """
     start = time.perf_counter()
-    src = resolve(source)
+    src = resolve(source, progress=download_progress)
     config = load_config(src)
     if "quantization" in config:
         raise ValueError(f"{src} is already quantized; convert from the full-precision checkpoint")
