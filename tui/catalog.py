@@ -29,7 +29,24 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from apertus_mlx.model_info import FIT_CONTEXT, ModelInfo, describe_model, fits_in_ram
+from apertus_mlx.model_info import FIT_CONTEXT, USABLE_RAM, ModelInfo, describe_model, fits_in_ram
+
+__all__ = [
+    "FIT_CONTEXT",
+    "PUBLISHED",
+    "USABLE_RAM",
+    "LocalModel",
+    "PublishedModel",
+    "conversion_dir",
+    "default_models_dir",
+    "fit_label",
+    "format_size",
+    "hub_cache_dir",
+    "local_models",
+    "original_of",
+    "ram_gb_for",
+    "total_ram_bytes",
+]
 
 APP_NAME = "apertus-mlx"
 MODEL_TYPES = ("apertus", "apertus1p5")  # config.json model_type of the repos the picker shows from the cache
@@ -175,6 +192,13 @@ PUBLISHED: tuple[PublishedModel, ...] = (
         for size in ("0.5B", "1.5B", "4B")
     ),
 )
+
+
+def original_of(model: PublishedModel, published: tuple[PublishedModel, ...] = PUBLISHED) -> PublishedModel | None:
+    """The full-precision repository a quantized build was made from (same size, in `published`), if listed."""
+    if model.convertible:
+        return model
+    return next((p for p in published if p.convertible and p.parameters == model.parameters), None)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ class ConvertJob:
 
     Records are `{"type": "progress", "stage", "done", "total", "unit", "description"}` and, last,
     `{"type": "done", "out", "bits_per_weight", "size_bytes", …}`. A failure raises `ConversionError`.
-    `cancel()` (or cancelling the task that iterates) terminates the converter.
+    `cancel()` terminates the converter and ends the iteration quietly (`cancelled` is then True);
+    cancelling the task that iterates terminates it too.
     """
 
     def __init__(
@@ -99,7 +100,7 @@ class ConvertJob:
             status = await process.wait()
             await stderr_task
             if self._cancelled:
-                raise asyncio.CancelledError
+                return  # the iteration just ends; `cancelled` says why
             if status != 0:
                 raise ConversionError(self._error_message(status))
         finally:
