@@ -5,17 +5,29 @@ PY := $(VENV)/bin/python
 PROMPT ?= Grüezi! Was ist die Hauptstadt der Schweiz?
 MODEL ?=
 
-.PHONY: setup chat test lint format quality
+.PHONY: setup setup-app chat ask test lint format quality
 
-setup: $(VENV)/.installed
+# The app needs only the package; the tests add torch (the reference), ruff and the app's test tools.
+setup-app: $(VENV)/.installed-app
+setup: $(VENV)/.installed-test
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-chat: setup
+$(VENV)/.installed-app: pyproject.toml $(VENV)/.created
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.created
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@ $(VENV)/.installed-app
+
+chat: setup-app
+	$(VENV)/bin/apertus-chat $(if $(MODEL),--model "$(MODEL)")
+
+ask: setup-app
 	$(PY) -m apertus_mlx.generate $(if $(MODEL),--model "$(MODEL)") --prompt "$(PROMPT)"
 
 test: setup

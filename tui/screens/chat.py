@@ -52,6 +52,8 @@ class ChatScreen(TurnDisplay, Screen):
         super().__init__()
         self.conversation: Conversation | None = None
         self.show_reasoning = True
+        self.last_stats = None  # the last answer's `Stats`
+        self.answers = 0  # answers ended (finished, stopped or failed) since the screen opened
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
@@ -82,8 +84,8 @@ class ChatScreen(TurnDisplay, Screen):
             record = app.store.create("New chat", app.backend.info.name, session.system)
         else:
             session = await app.backend.open(record, app.settings)
-        self.conversation = Conversation(record, session, app.store, app.backend)
         await self.show_messages(record.messages)
+        self.conversation = Conversation(record, session, app.store, app.backend)
         self.refresh_chats()
         self.update_context()
 

@@ -20,6 +20,11 @@ SHOW_READING_FROM = 512  # prompts shorter than this are read too fast for a bar
 class TurnDisplay:
     """Mixed into `ChatScreen`: runs a turn as a worker and shows its events as they come."""
 
+    @property
+    def answering(self) -> bool:
+        """Whether an answer is being streamed in (until it is fully on screen)."""
+        return any(w.group == "turn" and not w.is_finished for w in self.app.workers)
+
     def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
         if self.conversation is None or self.busy():
             return
@@ -63,6 +68,7 @@ class TurnDisplay:
         self._finished(view, done)
 
     def _finished(self, view: MessageView, done) -> None:
+        self.answers += 1
         if done is None:
             view.set_footer("stopped")
         else:
@@ -72,10 +78,12 @@ class TurnDisplay:
             )
             view.set_footer(f"{s.generated_tokens} tokens · {s.generation_tps:.1f} tok/s{reason}")
             self.query_one(StatusLine).set_stats(s)
+            self.last_stats = s
         self.update_context()
         self.refresh_chats()  # the first answer names the chat
 
     async def _failed(self, error: Exception, text: str | None, views: list[MessageView]) -> None:
+        self.answers += 1
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         for v in views:
             await v.remove()
