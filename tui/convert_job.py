@@ -106,7 +106,10 @@ class ConvertJob:
         finally:
             if process.returncode is None:
                 await self._stop()
-            stderr_task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stderr_task, 5)  # the pipe closes with the process
+            for _ in range(3):  # let the transport's close callbacks run before anyone closes the loop
+                await asyncio.sleep(0)
             self._remove_partial_output()
 
     async def cancel(self) -> None:

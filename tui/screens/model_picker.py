@@ -20,7 +20,7 @@ from textual.widgets import Button, DataTable, Footer, Label, ProgressBar, Stati
 
 from .. import catalog
 from ..catalog import LocalModel, PublishedModel
-from ..convert_job import ConversionError, ConvertJob
+from ..convert_job import ConvertJob
 
 Entry = LocalModel | PublishedModel
 
@@ -238,16 +238,14 @@ class ModelPickerScreen(ModalScreen[str | None]):
         ram_gb = catalog.ram_gb_for(self.ram_bytes)
         out = catalog.conversion_dir(source[1], ram_gb, self.models_dir)
         name = entry.repo_id if isinstance(entry, PublishedModel) else entry.name
-        size = ""
-        if isinstance(entry, PublishedModel):
-            size = f" (~{catalog.format_size(entry.memory_bytes())} with an 8k-token chat)"
-        download = "" if Path(source[0]).is_dir() else "Download its BF16 weights once, then c"
+        need = entry.memory_bytes() if isinstance(entry, PublishedModel) else entry.info and entry.info.memory_bytes()
+        fetch = "" if Path(source[0]).is_dir() else "Download its BF16 weights once and c"
         self.offer = entry
         self.query_one("#convert-text", Static).update(
-            f"{name} is too big for this machine{size}.\n"
-            f"{download or 'C'}onvert {source[0]} with the budget recipe to fit "
-            f"{ram_gb:g} GB (--ram-gb {ram_gb:g}), into\n{out}"
+            f"{name} needs {catalog.format_size(need)} with an 8k chat: too big for this machine.\n"
+            f"{fetch or 'C'}onvert them with the budget recipe to fit {ram_gb:g} GB, into {out}"
         )
+        self.query_one("#detail").display = False
         panel = self.query_one("#convert-panel")
         panel.display = True
         self.query_one("#convert-buttons").display = True
@@ -258,6 +256,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
     def _hide_convert_panel(self) -> None:
         self.offer = None
         self.query_one("#convert-panel").display = False
+        self.query_one("#detail").display = True
 
     def action_convert(self) -> None:
         if self.job is not None:
@@ -296,21 +295,23 @@ class ModelPickerScreen(ModalScreen[str | None]):
 
     @work(exclusive=True, group="convert")
     async def _run_conversion(self, job: ConvertJob) -> None:
+        finished: dict[str, Any] | None = None
         try:
-            async for record in job.run():
+            async for record in job.run():  # read to the end, so the child process is reaped here
                 if record.get("type") == "progress":
                     self._show_progress(record)
                 elif record.get("type") == "done":
-                    self.job = None
-                    self.dismiss(str(record.get("out") or job.out))
-                    return
-        except ConversionError as e:
+                    finished = record
+        except Exception as e:  # ConversionError: the converter's own line; else it could not even start
             self._conversion_ended(f"Conversion failed: {e}", error=True)
-        except Exception as e:  # the converter could not even start
-            self._conversion_ended(f"Conversion failed: {e}", error=True)
+            return
+        if job.cancelled:
+            self._conversion_ended("Conversion stopped; nothing was written.")
+        elif finished is None:
+            self._conversion_ended("The converter ended without a result.", error=True)
         else:
-            if job.cancelled:
-                self._conversion_ended("Conversion stopped; nothing was written.")
+            self.job = None
+            self.dismiss(str(finished.get("out") or job.out))
 
     def _show_progress(self, record: dict[str, Any]) -> None:
         self.progress_seen += 1
