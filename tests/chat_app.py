@@ -39,7 +39,9 @@ async def wait_for(pilot: Any, condition: Any, timeout: float = 60, step: float 
 async def ready(pilot: Any) -> None:
     """Until the model is loaded and a chat is open."""
     app = pilot.app
-    await wait_for(pilot, lambda: app.backend.ready and app.chat.conversation is not None)
+    prompt = app.chat.query_one(PromptInput)
+    await wait_for(pilot, lambda: app.chat.conversation is not None and not prompt.read_only)
+    await pilot.pause()
 
 
 async def send(pilot: Any, text: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, OptionList
+from textual.widgets import Button, Footer, Input, Label, OptionList
 from textual.widgets.option_list import Option
 
 
@@ -19,6 +19,7 @@ class ConfirmScreen(ModalScreen[bool]):
         self.question, self.yes = question, yes
 
     def compose(self) -> ComposeResult:
+        yield Footer()
         with Vertical(classes="dialog-box"):
             yield Label(self.question)
             with Horizontal(classes="dialog-buttons"):
@@ -39,6 +40,7 @@ class TextPromptScreen(ModalScreen[str | None]):
         self.question, self.value = question, value
 
     def compose(self) -> ComposeResult:
+        yield Footer()
         with Vertical(classes="dialog-box"):
             yield Label(self.question)
             yield Input(self.value)
@@ -57,6 +59,7 @@ class ChoiceScreen(ModalScreen[int | None]):
         self.question, self.items = question, items
 
     def compose(self) -> ComposeResult:
+        yield Footer()
         with Vertical(classes="dialog-box"):
             yield Label(self.question)
             yield OptionList(*[Option(item, id=str(i)) for i, item in enumerate(self.items)])

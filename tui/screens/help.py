@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Markdown
+from textual.widgets import Footer, Markdown
 
 
 class HelpScreen(ModalScreen[None]):
@@ -18,6 +18,7 @@ class HelpScreen(ModalScreen[None]):
         self.bindings, self.config_file, self.data_dir = bindings, config_file, data_dir
 
     def compose(self) -> ComposeResult:
+        yield Footer()
         rows = "\n".join(f"| `{keys}` | {text} | `{action}` |" for action, keys, text in self.bindings)
         text = (
             "# Keys\n\n| key | does | action id |\n|---|---|---|\n"

@@ -7,7 +7,7 @@ from dataclasses import replace
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select, Switch, TextArea
+from textual.widgets import Button, Footer, Input, Label, Select, Switch, TextArea
 
 from ..config import Settings
 
@@ -22,6 +22,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
         self.settings, self.themes = settings, themes
 
     def compose(self) -> ComposeResult:
+        yield Footer()
         s = self.settings
         with VerticalScroll(classes="dialog-box settings"):
             yield Label("System prompt (empty: the model's own, with today's date; applies to new chats)")
