@@ -1,17 +1,21 @@
 """The model picker screen (Textual pilot at 80x24), the converter's JSON progress, and the conversion job."""
 
 import asyncio
+import io
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from textual.app import App
 from textual.widgets import DataTable, ProgressBar
 
+from apertus_mlx.convert import JsonProgress
 from apertus_mlx.load import DEMO_MODEL
 from apertus_mlx.model_info import describe_model
+from apertus_mlx.progress import LoadProgress
 from tui import catalog
 from tui.convert_job import ConversionError, ConvertJob
 from tui.screens.model_picker import ConfirmStopScreen, ModelPickerScreen
@@ -206,3 +210,34 @@ def test_a_failed_conversion_raises_the_converters_one_line_error(tmp_path):
         asyncio.run(main())
     assert str(failure.value) == "model path /no/such does not exist"
     assert not (tmp_path / "models" / "x").exists()
+
+
+def test_json_progress_is_throttled_but_keeps_the_last_update_of_every_stage():
+    out = io.StringIO()
+    progress = JsonProgress(out, interval=60)
+    for n in range(0, 101, 10):
+        progress.download(LoadProgress("download", n, 100, "B", "model.safetensors"))
+    progress.download(LoadProgress("download", 3, None, "it", "Fetching files"))
+    progress.download(LoadProgress("download", 5, None, "it", "Fetching files"))  # held back, then flushed
+    assert list(progress.passes(iter("abc"), "quantizing layers", 3)) == ["a", "b", "c"]
+    report = {"bits_per_weight": 4.1, "size_bytes": 7, "kl_divergence": 0.1, "top1_agreement": 0.9, "warnings": []}
+    progress.done(Path("/out"), report)
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(r["type"], r.get("description"), r.get("done")) for r in records] == [
+        ("progress", "model.safetensors", 0),
+        ("progress", "model.safetensors", 100),
+        ("progress", "Fetching files", 3),
+        ("progress", "quantizing layers", 0),
+        ("progress", "quantizing layers", 3),
+        ("progress", "Fetching files", 5),
+        ("done", None, None),
+    ]
+    assert records[1] == {
+        "type": "progress",
+        "stage": "download",
+        "done": 100,
+        "total": 100,
+        "unit": "B",
+        "description": "model.safetensors",
+    }
+    assert records[-1]["out"] == str(Path("/out")) and records[-1]["size_bytes"] == 7

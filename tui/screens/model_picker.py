@@ -317,9 +317,12 @@ class ModelPickerScreen(ModalScreen[str | None]):
         self.progress_seen += 1
         done, total = float(record.get("done") or 0), record.get("total")
         stage, unit = str(record.get("stage", "")), str(record.get("unit", ""))
-        if unit == "B":
-            amount = f"{catalog.format_size(done)} of {catalog.format_size(total)}" if total else ""
-            text = f"Downloading {record.get('description') or ''} {amount}".strip()
+        if stage == "download":
+            if unit == "B":
+                amount = f"{catalog.format_size(done)} of {catalog.format_size(total)}" if total else ""
+            else:
+                amount = f"{done:.0f} of {total:.0f} files" if total else ""
+            text = f"Downloading the BF16 weights: {amount}".rstrip(": ")
         else:
             text = f"{stage.capitalize()}: {done:.0f} of {total} {unit}s" if total else stage.capitalize()
         self.query_one("#stage", Label).update(text)
