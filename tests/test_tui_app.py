@@ -6,7 +6,8 @@ import json
 
 from apertus_mlx import TurnError
 from tui.store import ChatStore
-from tui.widgets.message import MessageView
+from tui.widgets.message import MessageView, ToolCallView
+from tui.widgets.progress_panel import ProgressPanel
 from tui.widgets.prompt import PromptInput
 
 from chat_app import FAST, make_app, ready, run, send, submit, views, wait_for
@@ -353,3 +354,109 @@ def test_retry_and_edit_the_last_message(tmp_path, monkeypatch):
     after_retry, after_edit, shown = run(main())
     assert [m["role"] for m in after_retry] == ["user", "assistant"]
     assert after_edit == [] and shown == []
+
+
+LONG_PASTE = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(400))
+
+
+def test_a_long_paste_shows_reading_progress_and_esc_cancels_it(tmp_path, monkeypatch):
+    app = make_app(tmp_path, monkeypatch, FAST)
+    shown = []
+    original = ProgressPanel.show
+
+    def record(panel, label, done, total):
+        shown.append((label, done, total))
+        original(panel, label, done, total)
+
+    monkeypatch.setattr(ProgressPanel, "show", record)
+
+    async def main():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await ready(pilot)
+            shown.clear()
+            submit(app, LONG_PASTE)
+            await wait_for(pilot, lambda: shown)
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: app.chat.answers)
+            view = views(app, "assistant")[-1]
+            return view.text, str(view.query_one(".footer").render()), app.chat.conversation.record.messages
+
+    answer, footer, messages = run(main())
+    label, done, total = shown[0]
+    assert label == f"Reading the prompt: {done:,}/{total:,} tokens (Esc stops)"
+    assert 0 < done < total > 2000
+    assert (answer, footer) == ("", "stopped")
+    assert messages == [{"role": "user", "content": LONG_PASTE}, {"role": "assistant", "content": ""}]
+
+
+def test_rename_and_delete_a_chat_from_the_sidebar(tmp_path, monkeypatch):
+    store = ChatStore(tmp_path / "chats.sqlite")
+    for title in ("Keep", "Drop"):
+        store.create(title, None, None)
+    store.close()
+    app = make_app(tmp_path, monkeypatch)
+
+    async def main():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await ready(pilot)
+            assert app.chat.conversation.record.title == "Drop"  # the most recent opens
+            await pilot.press("f2")
+            await wait_for(pilot, lambda: app.screen.query("Input"))
+            app.screen.query_one("Input").value = "Dropped soon"
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: app.chat.conversation.record.title == "Dropped soon")
+            await pilot.press("f8")
+            await wait_for(pilot, lambda: app.screen.query("#yes"))
+            await pilot.press("escape")  # not deleted
+            await pilot.press("f8")
+            await wait_for(pilot, lambda: app.screen.query("#yes"))
+            await pilot.click("#yes")
+            await wait_for(pilot, lambda: app.chat.conversation.record.title == "Keep")
+            return [c.title for c in app.store.chats()]
+
+    assert run(main()) == ["Keep"]
+
+
+def test_tool_calls_and_results_are_blocks_of_their_own(tmp_path, monkeypatch):
+    store = ChatStore(tmp_path / "chats.sqlite")
+    chat = store.create("Weather", None, None)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Bern"}'}}
+    chat.messages = [
+        {"role": "user", "content": "Weather in Bern?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": '{"temperature": 21}', "tool_call_id": "call_1"},
+        {"role": "assistant", "content": "It is 21 °C."},
+    ]
+    store.save(chat)
+    store.close()
+    app = make_app(tmp_path, monkeypatch)
+
+    async def main():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await ready(pilot)
+            blocks = app.chat.query(ToolCallView)
+            return [(b.border_title, b.arguments) for b in blocks], [(v.role, v.text) for v in views(app)]
+
+    blocks, shown = run(main())
+    assert blocks == [("tool call: get_weather", '{"city": "Bern"}')]
+    assert shown[2] == ("tool", '{"temperature": 21}')
+    assert shown[3] == ("assistant", "It is 21 °C.")
+
+
+def test_a_theme_chosen_anywhere_is_remembered(tmp_path, monkeypatch):
+    async def choose():
+        app = make_app(tmp_path, monkeypatch)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await ready(pilot)
+            app.theme = "textual-light"  # as the command palette's theme picker does
+            await pilot.pause()
+            await app.action_quit()
+
+    async def reopen():
+        app = make_app(tmp_path, monkeypatch)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await ready(pilot)
+            return app.theme
+
+    run(choose())
+    assert run(reopen()) == "textual-light"

@@ -51,6 +51,7 @@ class ChatApp(App):
         if self.settings.theme in self.available_themes:
             self.theme = self.settings.theme
         self.set_keymap(self.user_config.keys)
+        self.theme_changed_signal.subscribe(self, self._remember_theme)
         await self.push_screen(ChatScreen())
         if self.config_error:
             self.notify(f"{self.config_error}; using the default keys", severity="error", timeout=15)
@@ -120,10 +121,15 @@ class ChatApp(App):
             return
         self.settings = settings
         self.store.save_settings(settings.to_stored())
-        self.theme = settings.theme
+        self.theme = settings.theme  # (saved again by _remember_theme: same values)
         if self.chat.conversation is not None:
             apply_settings(self.chat.conversation.session, settings)
         self.notify("Settings saved")
+
+    def _remember_theme(self, theme) -> None:
+        if theme.name != self.settings.theme:
+            self.settings = replace(self.settings, theme=theme.name)
+            self.store.save_settings(self.settings.to_stored())
 
     def action_help(self) -> None:
         keys = {b.id: b.key for b in self.chat.BINDINGS}
