@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from .errors import EngineClosedError, TurnError
 from .events import Event
-from .load import choose_model, load, load_model
+from .load import DEFAULT_MODEL, choose_model, load, load_model
 from .mlx_thread import release_thread_state
 from .model_info import ModelInfo, describe_model
 from .progress import LoadProgress, ProgressCallback
@@ -40,8 +40,10 @@ class Engine:
         model: str | os.PathLike | None = None,
         draft_model: str | os.PathLike | None = None,
         progress: ProgressCallback | None = None,
+        default: str = DEFAULT_MODEL,
     ):
-        """Start loading `model` (see `choose_model` for the default) on the engine's thread.
+        """Start loading `model` on the engine's thread (None: `$APERTUS_MODEL`, else `default`, else,
+        when that cannot be had offline, the bundled demo model; see `choose_model`).
 
         `progress` is called there with `LoadProgress` updates: the download, if any, then loading.
         """
@@ -55,7 +57,7 @@ class Engine:
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._closing = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, args=(model, draft_model, progress), name="apertus-mlx", daemon=True
+            target=self._run, args=(model, draft_model, progress, default), name="apertus-mlx", daemon=True
         )
         self._thread.start()
         # The thread must be out of MLX before the interpreter finalizes (mlx_thread.py says why); atexit
@@ -170,9 +172,9 @@ class Engine:
 
     # ---- the MLX thread -----------------------------------------------------------------------------
 
-    def _run(self, model: Any, draft_model: Any, progress: ProgressCallback | None) -> None:
+    def _run(self, model: Any, draft_model: Any, progress: ProgressCallback | None, default: str) -> None:
         try:
-            self.model_path, self.note = choose_model(model, progress)
+            self.model_path, self.note = choose_model(model, progress, default)
             self.info = describe_model(self.model_path, name=_requested_name(model, self.model_path))
             if progress:
                 progress(LoadProgress("load", 0, 1, description=f"loading {self.info.name}"))

@@ -63,26 +63,27 @@ def resolve(
 
 
 def choose_model(
-    requested: str | os.PathLike | None = None, progress: ProgressCallback | None = None
+    requested: str | os.PathLike | None = None,
+    progress: ProgressCallback | None = None,
+    default: str = DEFAULT_MODEL,
 ) -> tuple[Path, str | None]:
     """The model directory to use, and a note when it is a fallback.
 
-    Order: `requested`, then `$APERTUS_MODEL`, then `DEFAULT_MODEL` (downloaded if online); if that
-    cannot be had, the bundled demo model, with a note saying so.
+    Order: `requested`, then `$APERTUS_MODEL`, then `default` (downloaded if online); if that cannot
+    be had, the bundled demo model, with a note saying so.
     """
     requested = requested or os.environ.get("APERTUS_MODEL")
     if requested:
         return resolve(requested, progress=progress), None
     try:
-        return resolve(DEFAULT_MODEL, progress=progress), None
+        return resolve(default, progress=progress), None
     except ModelNotFoundError:
         hint = "pass --model PATH_OR_REPO or set APERTUS_MODEL"
         if not (DEMO_MODEL / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"no model given and the default {DEFAULT_MODEL} cannot be had offline; {hint}"
-            ) from None
+            missing = f"no model given and the default {default} cannot be had offline; {hint}"
+            raise ModelNotFoundError(missing) from None
         note = (
-            f"note: {DEFAULT_MODEL} is not available offline; using the bundled demo model "
+            f"note: {default} is not available offline; using the bundled demo model "
             f"(a tiny model trained for tests, not a useful assistant). To chat for real, {hint}."
         )
         return DEMO_MODEL, note

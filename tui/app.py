@@ -80,11 +80,12 @@ class ChatApp(App):
             await chat.show_error(message)
             return
         info = self.backend.info
-        name = "demo model (bundled, not a useful assistant)" if info.demo else info.name
+        name = "demo model (not a real assistant)" if info.demo else info.name
         chat.query_one(StatusLine).set_model(name, info.quantization, info.weights_bytes)
         chat.query_one(ProgressPanel).hide()
         if self.backend.note:
-            self.notify(self.backend.note.removeprefix("note: "), title="Demo model", timeout=15)
+            note = self.backend.note.removeprefix("note: ")
+            self.notify(f"{note} Here, Ctrl+O picks a model.", title="Demo model", timeout=15)
         chats = self.store.chats()
         await chat.open_chat(chats[0] if chats else None)
         chat.enable_input(True)

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from .config import Settings
+from .config import DEFAULT_CHAT_MODEL, Settings
 from .store import ChatRecord, ChatStore
 
 if TYPE_CHECKING:
@@ -105,4 +105,4 @@ def apply_settings(session: ChatSession, settings: Settings) -> None:
 def _start_engine(model: str | None, progress: Callable[[LoadProgress], None]) -> Engine:
     from apertus_mlx import Engine
 
-    return Engine(model, progress=progress)
+    return Engine(model, progress=progress, default=DEFAULT_CHAT_MODEL)

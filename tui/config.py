@@ -16,6 +16,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 APP_NAME = "apertus-mlx"
+# The app's default model: small enough to download in about a minute and to fit any Apple-silicon Mac;
+# Ctrl+O offers the bigger ones. Its id is one of the checked ids in `catalog.PUBLISHED` (tested).
+DEFAULT_CHAT_MODEL = "swiss-ai/Apertus-v1.1-1.5B-Instruct-MLX-INT4"
 HOME_ENV = "APERTUS_CHAT_HOME"  # one folder for data and config instead of the platform's (tests, portable use)
 
 

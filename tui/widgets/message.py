@@ -43,7 +43,9 @@ class MessageView(Vertical):
         for call in self._calls:
             function = call.get("function", call)
             yield ToolCallView(function.get("name", "?"), function.get("arguments", ""))
-        yield Static("", classes="footer", markup=False)
+        footer = Static("", classes="footer", markup=False)
+        footer.display = False
+        yield footer
 
     @property
     def text(self) -> str:
@@ -74,7 +76,9 @@ class MessageView(Vertical):
         self.mount(ToolCallView(name, arguments), before=self.query_one(".footer"))
 
     def set_footer(self, text: str) -> None:
-        self.query_one(".footer", Static).update(text)
+        footer = self.query_one(".footer", Static)
+        footer.update(text)
+        footer.display = bool(text)
 
     def show_reasoning(self, shown: bool) -> None:
         self.query_one(".reasoning", Collapsible).collapsed = not shown
