@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROMPT ?= Grüezi! Was ist die Hauptstadt der Schweiz?
 MODEL ?=
 
-.PHONY: setup setup-app chat ask test lint format quality
+.PHONY: setup setup-app chat ask test lint format quality screenshot
 
 # The app needs only the package; the tests add torch (the reference), ruff and the app's test tools.
 setup-app: $(VENV)/.installed-app
@@ -29,6 +29,10 @@ chat: setup-app
 
 ask: setup-app
 	$(PY) -m apertus_mlx.generate $(if $(MODEL),--model "$(MODEL)") --prompt "$(PROMPT)"
+
+# The README's picture of the chat app, drawn by the app itself on the bundled demo model.
+screenshot: setup-app
+	$(PY) docs/screenshot.py docs/tui.svg
 
 test: setup
 	$(VENV)/bin/ruff check .

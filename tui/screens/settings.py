@@ -25,6 +25,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
         yield Footer()
         s = self.settings
         with VerticalScroll(classes="dialog-box settings"):
+            yield Label(f"Model: {s.model or 'the default'} (Ctrl+O in the chat chooses another)")
             yield Label("System prompt (empty: the model's own, with today's date; applies to new chats)")
             yield TextArea(s.system_prompt, id="system_prompt", soft_wrap=True)
             with Horizontal(classes="setting"):
