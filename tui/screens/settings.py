@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
@@ -25,7 +26,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
         yield Footer()
         s = self.settings
         with VerticalScroll(classes="dialog-box settings"):
-            yield Label(f"Model: {s.model or 'the default'} (Ctrl+O in the chat chooses another)")
+            model = Path(s.model).name if s.model and Path(s.model).is_dir() else s.model or "the default"
+            yield Label(f"Model: {model} (Ctrl+O in the chat chooses another)")
             yield Label("System prompt (empty: the model's own, with today's date; applies to new chats)")
             yield TextArea(s.system_prompt, id="system_prompt", soft_wrap=True)
             with Horizontal(classes="setting"):
