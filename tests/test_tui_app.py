@@ -460,3 +460,46 @@ def test_a_theme_chosen_anywhere_is_remembered(tmp_path, monkeypatch):
 
     run(choose())
     assert run(reopen()) == "textual-light"
+
+
+def test_download_and_load_progress_are_shown(tmp_path, monkeypatch):
+    from apertus_mlx.progress import LoadProgress
+    from tui.app import LoadUpdate
+
+    app = make_app(tmp_path, monkeypatch)
+
+    async def main():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await ready(pilot)
+            labels = []
+            for progress in (
+                LoadProgress("download", 1.5e9, 4.5e9, "B", "Downloading bytes"),
+                LoadProgress("download", 3, 9, "it", "Fetching 9 files"),
+                LoadProgress("load", 0, 1, description="loading Apertus-8B"),
+            ):
+                app.post_message(LoadUpdate(progress))
+                await pilot.pause()
+                labels.append(str(app.chat.query_one("#progress-label").render()))
+            return labels
+
+    assert run(main()) == ["Downloading: 1.50/4.50 GB", "Downloading: Fetching 9 files", "Loading Apertus-8B…"]
+
+
+def test_an_unexpected_failure_is_a_notice_not_a_crash(tmp_path, monkeypatch):
+    store = ChatStore(tmp_path / "chats.sqlite")
+    store.create("Old", None, None)
+    store.close()
+    app = make_app(tmp_path, monkeypatch)
+
+    async def broken_open(record, settings):
+        raise OSError("disk I/O error")
+
+    monkeypatch.setattr(app.backend, "open", broken_open)
+
+    async def main():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: any(n.title == "Something went wrong" for n in app._notifications))
+            return [n.message for n in app._notifications if n.title == "Something went wrong"], app.is_running
+
+    messages, running = run(main())
+    assert messages == ["disk I/O error"] and running

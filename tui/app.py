@@ -8,6 +8,7 @@ from pathlib import Path
 from textual import work
 from textual.app import App
 from textual.message import Message
+from textual.worker import Worker, WorkerState
 
 from .backend import Backend, apply_settings
 from .config import ConfigFileError, Settings, UserConfig, config_file, data_dir, read_config
@@ -63,7 +64,7 @@ class ChatApp(App):
 
     # ---- the model ----------------------------------------------------------------------------------
 
-    @work(exclusive=True, group="load")
+    @work(exclusive=True, group="load", exit_on_error=False)
     async def load_model(self, model: str | None) -> None:
         """Load `model` in the background (None: the default), then open the most recent chat."""
         chat = self.chat
@@ -90,6 +91,13 @@ class ChatApp(App):
         await chat.open_chat(chats[0] if chats else None)
         chat.enable_input(True)
 
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """A task that failed unexpectedly is a message in the app, never a traceback on a dead terminal."""
+        if event.state == WorkerState.ERROR:
+            error = event.worker.error
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            self.notify(message, title="Something went wrong", severity="error", timeout=15)
+
     def on_load_update(self, message: LoadUpdate) -> None:
         p = message.progress
         if p.stage == "download" and p.unit == "B" and p.total:
@@ -97,10 +105,10 @@ class ChatApp(App):
         elif p.stage == "download":
             label = f"Downloading: {p.description}"
         else:
-            label = p.description.capitalize() + "…"
+            label = p.description[:1].upper() + p.description[1:] + "…"
         self.chat.query_one(ProgressPanel).show(label, p.done, p.total)
 
-    @work(group="dialog")
+    @work(group="dialog", exit_on_error=False)
     async def action_pick_model(self) -> None:
         from .screens.model_picker import ModelPickerScreen
 
@@ -115,7 +123,7 @@ class ChatApp(App):
 
     # ---- settings, help, quit -----------------------------------------------------------------------
 
-    @work(group="dialog")
+    @work(group="dialog", exit_on_error=False)
     async def action_settings(self) -> None:
         settings = await self.push_screen_wait(SettingsScreen(self.settings, sorted(self.available_themes)))
         if settings is None:

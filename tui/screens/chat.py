@@ -132,7 +132,7 @@ class ChatScreen(TurnDisplay, Screen):
 
     # ---- sidebar ----------------------------------------------------------------------------------------
 
-    @work(exclusive=True, group="chat")
+    @work(exclusive=True, group="chat", exit_on_error=False)
     async def on_chat_list_chosen(self, event: ChatList.Chosen) -> None:
         if isinstance(event, (ChatList.Rename, ChatList.Delete)):
             await (self.rename_chat if isinstance(event, ChatList.Rename) else self.delete_chat)(event.chat_id)
@@ -143,18 +143,18 @@ class ChatScreen(TurnDisplay, Screen):
             await self.open_chat(self.app.store.get(event.chat_id))
         self.query_one(PromptInput).focus()
 
-    @work(exclusive=True, group="chat")
+    @work(exclusive=True, group="chat", exit_on_error=False)
     async def action_new_chat(self) -> None:
         if not self.busy() and self.app.backend.ready:
             await self.open_chat(None)
             self.query_one(PromptInput).focus()
 
-    @work(group="dialog")
+    @work(group="dialog", exit_on_error=False)
     async def action_rename_chat(self) -> None:
         if self.conversation is not None:
             await self.rename_chat(self.conversation.record.id)
 
-    @work(group="dialog")
+    @work(group="dialog", exit_on_error=False)
     async def action_delete_chat(self) -> None:
         if self.conversation is not None:
             await self.delete_chat(self.conversation.record.id)

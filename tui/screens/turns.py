@@ -31,7 +31,7 @@ class TurnDisplay:
         self.query_one(PromptInput).clear()
         self.run_turn(event.text.strip())
 
-    @work(exclusive=True, group="turn")
+    @work(exclusive=True, group="turn", exit_on_error=False)
     async def run_turn(self, text: str | None) -> None:
         """Stream the next answer into a new message; `text=None` answers the chat as it stands."""
         conversation = self.conversation
@@ -137,7 +137,7 @@ class TurnDisplay:
         self.app.copy_to_clipboard(view.text)
         self.notify("Answer copied to the clipboard")
 
-    @work(group="dialog")
+    @work(group="dialog", exit_on_error=False)
     async def action_copy_code(self) -> None:
         blocks = [code for v in self.query(MessageView) if v.role == "assistant" for code in v.code_blocks()]
         if not blocks:
@@ -152,7 +152,7 @@ class TurnDisplay:
         self.app.copy_to_clipboard(blocks[choice])
         self.notify("Code block copied to the clipboard")
 
-    @work(group="dialog")
+    @work(group="dialog", exit_on_error=False)
     async def action_export(self) -> None:
         if self.conversation is None:
             return
