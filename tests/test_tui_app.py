@@ -503,3 +503,41 @@ def test_an_unexpected_failure_is_a_notice_not_a_crash(tmp_path, monkeypatch):
 
     messages, running = run(main())
     assert messages == ["disk I/O error"] and running
+
+
+def test_fast_streaming_appends_without_rerendering_what_is_shown(tmp_path, monkeypatch):
+    from textual.widgets import Markdown
+    from textual.widgets._markdown import MarkdownBlock
+
+    app = make_app(tmp_path, monkeypatch)
+    document = "First paragraph, already complete.\n\n" + "```python\n" + "x = 1\n" * 40 + "```\n\nLast words."
+    appends = []
+    original = Markdown.append
+
+    def counting(markdown, fragment):
+        appends.append(fragment)
+        return original(markdown, fragment)
+
+    monkeypatch.setattr(Markdown, "append", counting)
+
+    async def main():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await ready(pilot)
+            view = MessageView("assistant")
+            await app.chat.query_one("#messages").mount(view)
+            body = view.query_one(".body", Markdown)
+            first = None
+            for i in range(0, len(document), 2):  # ~150 two-character tokens, as fast as they come
+                await view.append("answer", document[i : i + 2])
+                if first is None and "\n\n```" in document[: i + 2]:
+                    await pilot.pause(0.05)
+                    first = body.query(MarkdownBlock).first()
+            await view.flush()
+            blocks = list(body.query(MarkdownBlock))
+            return first, blocks, view.text, view.code_blocks()
+
+    first, blocks, text, code = run(main())
+    assert text == document
+    assert code == [("x = 1\n" * 40).rstrip()]
+    assert blocks[0] is first  # the finished paragraph was never rebuilt
+    assert len(appends) < len(document) // 2 / 3  # fragments are batched while the screen catches up
