@@ -15,6 +15,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,6 +72,16 @@ class Engine:
         self._loaded.result(timeout)
         return self
 
+    @property
+    def ready(self) -> bool:
+        """Whether the model is loaded; raises its loading error, or `EngineClosedError` once the engine stopped."""
+        if not self._thread.is_alive():
+            raise EngineClosedError("the engine is not running")
+        if not self._loaded.done():
+            return False
+        self._loaded.result()
+        return True
+
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Run `fn(*args, **kwargs)` on the MLX thread, between two scheduler steps."""
         self._check_open()
@@ -126,6 +137,17 @@ class Engine:
         self, session: ChatSession, user_text: str | None = None, **overrides: Any
     ) -> AsyncIterator[Event]:
         """`stream` for asyncio: the same events, awaited without blocking the event loop."""
+        async with aclosing(self._aturn(lambda sink: session.new_turn(user_text, overrides, sink))) as events:
+            async for event in events:
+                yield event
+
+    async def acomplete(self, session: ChatSession, text: str, **overrides: Any) -> AsyncIterator[Event]:
+        """Continue the raw prompt `text` (no chat template; the chat's history is not changed), in asyncio."""
+        async with aclosing(self._aturn(lambda sink: session.new_completion(text, overrides, sink))) as events:
+            async for event in events:
+                yield event
+
+    async def _aturn(self, make_turn: Callable[[Callable[[Any], None]], Turn]) -> AsyncIterator[Event]:
         self._check_open()
         loop = asyncio.get_running_loop()
         if not self._loaded.done():
@@ -139,7 +161,7 @@ class Engine:
             except RuntimeError:  # the event loop is gone: nobody reads this turn any more
                 turn.cancelled.set()
 
-        turn = session.new_turn(user_text, overrides, sink)
+        turn = make_turn(sink)
         self._post("turn", turn)
         receipt = Receipt(turn, lambda: self._post("settle", turn))
         try:

@@ -120,9 +120,7 @@ class ChatSession:
 
     def new_turn(self, user_text: str | None, overrides: dict[str, Any], sink: Callable[[Any], None]) -> Turn:
         """Validate and render the next turn, and mark the chat busy until the turn's history is final."""
-        options = replace(self.options, **overrides) if overrides else self.options
-        if self.draft_model is not None and (options.repetition_penalty or options.logprobs is not None):
-            raise ApertusError("repetition_penalty and logprobs are not supported with a draft model")
+        options = self._turn_options(overrides)
         new_messages: list[dict[str, Any]] = []
         if user_text is not None:
             if not user_text.strip():
@@ -137,6 +135,25 @@ class ChatSession:
             self._check_context(prompt)
             self._turn = Turn(self, new_messages, options, prompt, self.format.start_channel(prompt), sink)
             return self._turn
+
+    def new_completion(self, text: str, overrides: dict[str, Any], sink: Callable[[Any], None]) -> Turn:
+        """A turn that continues `text` as it stands, without the chat template; the history is not changed."""
+        options = self._turn_options(overrides)
+        if not text:
+            raise ApertusError("empty prompt: nothing to complete")
+        with self._lock:
+            if self._turn is not None:
+                raise ApertusError("this chat already has a turn in progress; wait for its Done or close its stream")
+            prompt = list(self.tokenizer.encode(text))
+            self._check_context(prompt)
+            self._turn = Turn(self, [], options, prompt, "answer", sink, raw=True)
+            return self._turn
+
+    def _turn_options(self, overrides: dict[str, Any]) -> SamplingOptions:
+        options = replace(self.options, **overrides) if overrides else self.options
+        if self.draft_model is not None and (options.repetition_penalty or options.logprobs is not None):
+            raise ApertusError("repetition_penalty and logprobs are not supported with a draft model")
+        return options
 
     def release(self, turn: Turn) -> None:
         """Called by `turn` once the chat's history is final."""

@@ -35,6 +35,7 @@ class Turn:
         prompt: list[int],
         start_channel: str,
         sink: Callable[[Any], None],
+        raw: bool = False,
     ):
         self.id = next(_ids)
         self.session, self.options, self.prompt, self.start_channel = session, options, prompt, start_channel
@@ -46,6 +47,7 @@ class Turn:
         self.events: list[Event] = []
         self.delivered: int | None = None  # how many events the consumer took, once it stopped early
         self._sink = sink
+        self.raw = raw  # a completion of a raw prompt: the chat's history is not touched
         self._committed: dict[str, Any] | None = None
 
     def put(self, event: Event) -> None:
@@ -60,6 +62,9 @@ class Turn:
 
     def commit(self) -> None:
         """Append the user message and the answer to the chat's history, and free the chat for the next turn."""
+        if self.raw:
+            self.session.release(self)
+            return
         message = assistant_message(self._kept())
         self.session.messages = [*self.base, *self.new_messages, message]
         self._committed = message
