@@ -77,6 +77,13 @@ def test_hub_cache_location_follows_the_environment(tmp_path, monkeypatch):
     assert catalog.local_models(tmp_path / "no-models") == []
 
 
+def test_conversions_go_to_the_apps_data_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("APERTUS_CHAT_HOME", str(tmp_path / "home"))
+    assert catalog.default_models_dir() == tmp_path / "home" / "models"
+    out = catalog.conversion_dir("swiss-ai/Apertus-8B-Instruct-2509", 16)
+    assert out == tmp_path / "home" / "models" / "Apertus-8B-Instruct-2509-budget-16gb"
+
+
 def test_a_moved_snapshot_is_read_from_the_revision_main_points_at(disk):
     cache, models = disk
     repo = cache / "models--swiss-ai--Apertus-Tiny"

@@ -18,7 +18,9 @@ from apertus_mlx.model_info import describe_model
 from apertus_mlx.progress import LoadProgress
 from tui import catalog
 from tui.convert_job import ConversionError, ConvertJob
-from tui.screens.model_picker import ConfirmStopScreen, ModelPickerScreen
+from tui.screens.dialogs import ConfirmScreen
+from tui.screens.model_picker import ModelPickerScreen
+from tui.widgets.convert_panel import ConvertPanel
 
 # The shipped `budget` recipe measures every module at 18 widths: minutes on 2 CPU cores even for the demo
 # model. Tests use the same recipe with fewer widths and a shorter calibration (about 10 s).
@@ -133,15 +135,17 @@ def test_a_model_too_big_is_converted_to_fit_with_progress(tmp_path, empty_hub, 
     )
     ram = int(RAM_GB * 1e9)
     assert too_big.fits(ram) is False
-    stages = []
+    stages, panels = [], []
 
     async def steps(pilot, screen):
+        panel = screen.query_one(ConvertPanel)
+        panels.append(panel)  # (gone from the screen once it is dismissed)
         await pilot.press("enter")  # does not fit: the conversion is offered, not chosen
-        assert screen.query_one("#convert-panel").display and screen.job is None
+        assert panel.display and panel.job is None
         assert "budget recipe" in str(screen.query_one("#convert-text").render())
         await pilot.press("c")
-        assert screen.job is not None and screen.query_one("#convert-progress", ProgressBar).display
-        while screen.job is not None:
+        assert panel.job is not None and screen.query_one("#convert-progress", ProgressBar).display
+        while panel.job is not None:
             stages.append(str(screen.query_one("#stage").render()))
             await pilot.pause(0.1)
 
@@ -151,7 +155,7 @@ def test_a_model_too_big_is_converted_to_fit_with_progress(tmp_path, empty_hub, 
     result = run_picker(screen, steps)
     out = models / "demo-src-budget-0.79gb"
     assert result == str(out)
-    assert screen.progress_seen >= 4
+    assert panels[0].progress_seen >= 4
     assert any(s.startswith("Measuring sensitivity") for s in stages)
     info = describe_model(out)
     assert info.quantization.startswith("budget ") and info.fits(ram)
@@ -165,14 +169,15 @@ def test_escape_while_converting_asks_then_stops_and_keeps_nothing(tmp_path, emp
     )
 
     async def steps(pilot, screen):
+        panel = screen.query_one(ConvertPanel)
         await pilot.press("c", "c")  # offer, then start
-        await wait_for(pilot, lambda: screen.progress_seen > 0)
+        await wait_for(pilot, lambda: panel.progress_seen > 0)
         await pilot.press("escape")
-        assert isinstance(pilot.app.screen, ConfirmStopScreen)
+        assert isinstance(pilot.app.screen, ConfirmScreen)
         await pilot.press("n")  # keep converting
-        assert pilot.app.screen is screen and screen.job is not None
+        assert pilot.app.screen is screen and panel.job is not None
         await pilot.press("escape", "y")
-        await wait_for(pilot, lambda: screen.job is None)
+        await wait_for(pilot, lambda: panel.job is None)
         assert "stopped" in str(screen.query_one("#stage").render())
         await pilot.press("escape", "escape")  # back to the lists, then close
 

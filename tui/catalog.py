@@ -31,6 +31,8 @@ from pathlib import Path
 
 from apertus_mlx.model_info import FIT_CONTEXT, USABLE_RAM, ModelInfo, describe_model, fits_in_ram
 
+from .config import data_dir
+
 __all__ = [
     "FIT_CONTEXT",
     "PUBLISHED",
@@ -48,7 +50,6 @@ __all__ = [
     "total_ram_bytes",
 ]
 
-APP_NAME = "apertus-mlx"
 MODEL_TYPES = ("apertus", "apertus1p5")  # config.json model_type of the repos the picker shows from the cache
 
 _HF_LISTING = (
@@ -226,10 +227,8 @@ class LocalModel:
 
 
 def default_models_dir() -> Path:
-    """Where the app's conversions go: the per-user data directory of each OS (macOS and Linux alike)."""
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir(APP_NAME)) / "models"
+    """Where the app's conversions go: `models` in the app's data folder (the platform's, or `$APERTUS_CHAT_HOME`)."""
+    return data_dir() / "models"
 
 
 def hub_cache_dir() -> Path:

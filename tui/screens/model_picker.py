@@ -3,47 +3,27 @@
 `ModelPickerScreen` dismisses with a local model directory (str), a hub repo id to download (str), or None.
 A model too big for this machine's RAM is offered the project's own answer: download its BF16 weights once
 and convert them with the `budget` recipe to this RAM, in a child process (`tui.convert_job`), then use it.
+The screen decides what can be converted and into where; `widgets.convert_panel.ConvertPanel` offers it,
+runs it and shows its progress.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Footer, Label, ProgressBar, Static
+from textual.widgets import DataTable, Footer, Label, Static
 
 from .. import catalog
 from ..catalog import LocalModel, PublishedModel
-from ..convert_job import ConvertJob
+from ..widgets.convert_panel import Conversion, ConvertPanel
 
 Entry = LocalModel | PublishedModel
-
-
-class ConfirmStopScreen(ModalScreen[bool]):
-    """Asks before a running conversion is thrown away."""
-
-    CSS_PATH = "model_picker.tcss"
-    BINDINGS = [
-        Binding("y", "dismiss(True)", "Stop it"),
-        Binding("n,escape", "dismiss(False)", "Keep converting"),
-    ]
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="confirm-box"):
-            yield Label("Stop the conversion? Nothing of it will be kept.")
-            with Horizontal(id="confirm-buttons"):
-                yield Button("Stop [y]", variant="error", id="stop")
-                yield Button("Keep converting [n]", id="keep")
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "stop")
 
 
 class ModelPickerScreen(ModalScreen[str | None]):
@@ -81,9 +61,6 @@ class ModelPickerScreen(ModalScreen[str | None]):
         self.recipe = recipe
         self.convert_args = tuple(convert_args)
         self.local: list[LocalModel] = []
-        self.offer: Entry | None = None  # the model whose conversion is being offered
-        self.job: ConvertJob | None = None
-        self.progress_seen = 0  # progress records shown (tests read it)
 
     # Layout
 
@@ -95,14 +72,12 @@ class ModelPickerScreen(ModalScreen[str | None]):
             yield Label("Published", classes="section")
             yield DataTable(id="published", cursor_type="row", zebra_stripes=True)
             yield Static("", id="detail")
-            with Vertical(id="convert-panel"):
-                yield Static("", id="convert-text")
-                with Horizontal(id="convert-buttons"):
-                    yield Button("Convert to fit [c]", variant="primary", id="convert")
-                    yield Button("Back [Esc]", id="back")
-                yield Label("", id="stage")
-                yield ProgressBar(id="convert-progress", show_eta=False)
+            yield ConvertPanel(self.recipe, self.convert_args, id="convert-panel")
         yield Footer()
+
+    @property
+    def panel(self) -> ConvertPanel:
+        return self.query_one(ConvertPanel)
 
     def on_mount(self) -> None:
         local = self.query_one("#local", DataTable)
@@ -125,7 +100,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
         (local if self.local else published).focus()
 
     def action_refresh(self) -> None:
-        if self.job is not None:
+        if self.panel.running:
             return
         self.local = catalog.local_models(self.models_dir)
         table = self.query_one("#local", DataTable)
@@ -169,7 +144,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
 
     @on(DataTable.RowHighlighted)
     def _row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if self.job is None:
+        if not self.panel.running:
             self._hide_convert_panel()
             self._show_detail(self._table_entry(event.data_table))
 
@@ -193,9 +168,9 @@ class ModelPickerScreen(ModalScreen[str | None]):
         self.action_choose()
 
     def action_choose(self) -> None:
-        if self.job is not None:
+        if self.panel.running:
             return
-        if self.offer is not None:
+        if self.panel.conversion is not None:
             self.action_convert()
             return
         entry = self._highlighted()
@@ -211,7 +186,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
                 self.dismiss(entry.repo_id)
 
     def action_switch_table(self) -> None:
-        if self.job is not None:
+        if self.panel.running:
             return
         local, published = self.query_one("#local", DataTable), self.query_one("#published", DataTable)
         (published if self.focused is local else local).focus()
@@ -236,107 +211,43 @@ class ModelPickerScreen(ModalScreen[str | None]):
             self.notify("No full-precision original of this model is known to convert from.", severity="warning")
             return
         ram_gb = catalog.ram_gb_for(self.ram_bytes)
+        if isinstance(entry, PublishedModel):
+            name, need = entry.repo_id, entry.memory_bytes()
+        else:
+            name, need = entry.name, entry.info and entry.info.memory_bytes()
         out = catalog.conversion_dir(source[1], ram_gb, self.models_dir)
-        name = entry.repo_id if isinstance(entry, PublishedModel) else entry.name
-        need = entry.memory_bytes() if isinstance(entry, PublishedModel) else entry.info and entry.info.memory_bytes()
-        fetch = "" if Path(source[0]).is_dir() else "Download its BF16 weights once and c"
-        self.offer = entry
-        self.query_one("#convert-text", Static).update(
-            f"{name} needs {catalog.format_size(need)} with an 8k chat: too big for this machine.\n"
-            f"{fetch or 'C'}onvert them with the budget recipe to fit {ram_gb:g} GB, into {out}"
-        )
         self.query_one("#detail").display = False
-        panel = self.query_one("#convert-panel")
-        panel.display = True
-        self.query_one("#convert-buttons").display = True
-        self.query_one("#stage", Label).display = False
-        self.query_one("#convert-progress", ProgressBar).display = False
-        self.query_one("#convert", Button).focus()
+        self.panel.offer(Conversion(name, need, source[0], ram_gb, out))
 
     def _hide_convert_panel(self) -> None:
-        self.offer = None
-        self.query_one("#convert-panel").display = False
+        self.panel.hide()
         self.query_one("#detail").display = True
 
     def action_convert(self) -> None:
-        if self.job is not None:
+        if self.panel.running:
             return
-        if self.offer is None:
+        if self.panel.conversion is None:
             entry = self._highlighted()
             if entry is not None:
                 self._offer_conversion(entry)
             return
-        source = self._conversion_source(self.offer)
-        assert source is not None and self.ram_bytes is not None
-        ram_gb = catalog.ram_gb_for(self.ram_bytes)
-        out = catalog.conversion_dir(source[1], ram_gb, self.models_dir)
-        if (out / "config.json").is_file():
-            self.notify(f"Already converted: using {out}")
-            self.dismiss(str(out))
-            return
-        self.job = ConvertJob(source[0], ram_gb, out, recipe=self.recipe, extra_args=self.convert_args)
-        self.query_one("#convert-buttons").display = False
-        self.query_one("#stage", Label).display = True
-        self.query_one("#stage", Label).update("Starting the converter…")
-        bar = self.query_one("#convert-progress", ProgressBar)
-        bar.display = True
-        bar.update(total=None, progress=0)
+        self.panel.start()
+
+    @on(ConvertPanel.Started)
+    def _conversion_started(self) -> None:
         for table in self.query(DataTable):
             table.disabled = True
-        self._run_conversion(self.job)
 
-    @on(Button.Pressed, "#convert")
-    def _convert_pressed(self) -> None:
-        self.action_convert()
-
-    @on(Button.Pressed, "#back")
-    def _back_pressed(self) -> None:
-        self._back_to_lists()
-
-    @work(exclusive=True, group="convert")
-    async def _run_conversion(self, job: ConvertJob) -> None:
-        finished: dict[str, Any] | None = None
-        try:
-            async for record in job.run():  # read to the end, so the child process is reaped here
-                if record.get("type") == "progress":
-                    self._show_progress(record)
-                elif record.get("type") == "done":
-                    finished = record
-        except Exception as e:  # ConversionError: the converter's own line; else it could not even start
-            self._conversion_ended(f"Conversion failed: {e}", error=True)
-            return
-        if job.cancelled:
-            self._conversion_ended("Conversion stopped; nothing was written.")
-        elif finished is None:
-            self._conversion_ended("The converter ended without a result.", error=True)
-        else:
-            self.job = None
-            self.dismiss(str(finished.get("out") or job.out))
-
-    def _show_progress(self, record: dict[str, Any]) -> None:
-        self.progress_seen += 1
-        done, total = float(record.get("done") or 0), record.get("total")
-        stage, unit = str(record.get("stage", "")), str(record.get("unit", ""))
-        if stage == "download":
-            if unit == "B":
-                amount = f"{catalog.format_size(done)} of {catalog.format_size(total)}" if total else ""
-            else:
-                amount = f"{done:.0f} of {total:.0f} files" if total else ""
-            text = f"Downloading the BF16 weights: {amount}".rstrip(": ")
-        else:
-            text = f"{stage.capitalize()}: {done:.0f} of {total} {unit}s" if total else stage.capitalize()
-        self.query_one("#stage", Label).update(text)
-        self.query_one("#convert-progress", ProgressBar).update(total=total or None, progress=done)
-
-    def _conversion_ended(self, message: str, error: bool = False) -> None:
-        self.job = None
+    @on(ConvertPanel.Ended)
+    def _conversion_ended(self) -> None:
         for table in self.query(DataTable):
             table.disabled = False
-        self.query_one("#stage", Label).update(message)
-        self.query_one("#convert-progress", ProgressBar).display = False
-        self.query_one("#convert-buttons").display = True
-        self.notify(message, severity="error" if error else "information")
 
+    @on(ConvertPanel.Finished)
+    def _conversion_finished(self, event: ConvertPanel.Finished) -> None:
+        self.dismiss(event.out)
+
+    @on(ConvertPanel.Closed)
     def _back_to_lists(self) -> None:
         self._hide_convert_panel()
         self.action_refresh()
@@ -345,13 +256,9 @@ class ModelPickerScreen(ModalScreen[str | None]):
     # Closing
 
     def action_close(self) -> None:
-        if self.job is not None:
-            self.app.push_screen(ConfirmStopScreen(), self._stop_confirmed)
-        elif self.offer is not None:
+        if self.panel.running:
+            self.panel.ask_to_stop()
+        elif self.panel.conversion is not None:
             self._back_to_lists()
         else:
             self.dismiss(None)
-
-    def _stop_confirmed(self, stop: bool | None) -> None:
-        if stop and self.job is not None:
-            self.run_worker(self.job.cancel(), group="cancel")
