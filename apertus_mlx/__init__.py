@@ -4,7 +4,15 @@ import sys
 import types
 
 from .engine import Engine
-from .errors import ApertusError, CheckpointError, ConfigError, EngineClosedError, ModelNotFoundError, TurnError
+from .errors import (
+    ApertusError,
+    CheckpointError,
+    ConfigError,
+    EngineClosedError,
+    ModelNotFoundError,
+    ResponseFormatError,
+    TurnError,
+)
 from .events import Done, Event, PrefillProgress, Stats, TextDelta, TokenLogprobs, ToolCall, ToolCallError
 from .load import load, load_model, load_tokenizer, make_cache, resolve
 from .model import Model, ModelArgs
@@ -26,6 +34,7 @@ __all__ = [
     "ModelArgs",
     "ModelNotFoundError",
     "PrefillProgress",
+    "ResponseFormatError",
     "SamplingOptions",
     "Stats",
     "TextDelta",

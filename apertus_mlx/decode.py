@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import mlx.core as mx
 from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from .constraints import bias_rows
 from .sampling import PENALTY_CONTEXT, TokenSampler
+
+if TYPE_CHECKING:
+    from .constraints import Constraint
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Member(Protocol):
     upcoming: Sampled | None  # what the next step samples
     recent: list[int]  # the last tokens of the sequence before `pending`, for the repetition penalty
     top_logprobs: int | None
+    constraint: Constraint | None  # the answer's grammar (response_format), advanced here token by token
 
 
 def sample(member: Member, logits: mx.array, last: mx.array | None = None) -> Sampled:
@@ -125,6 +130,8 @@ class DecodeBatch:
         logits = self.model(self._tokens[:, None], cache=cache)[:, -1, :]
         if self.kv_quant:
             self.kv_quant.apply(cache)
+        if any(m.constraint is not None for m in self.members):
+            logits = self._constrain(logits)
         if all(m.sampler.plain_greedy and m.top_logprobs is None for m in self.members):
             # The common case shares one argmax: no per-row ops at all.
             self._next = mx.argmax(logits, axis=-1)
@@ -136,6 +143,23 @@ class DecodeBatch:
             self._next = mx.concatenate([m.upcoming.token for m in self.members])
         extras = [a for m in self.members if m.upcoming is not None for a in m.upcoming.arrays()[1:]]
         mx.async_eval(self._next, *extras)
+
+    def _constrain(self, logits: mx.array) -> mx.array:
+        """Mask the rows of members with a grammar; the others' logits stay as they are.
+
+        A grammar needs its member's pending token before it can say what may follow, so this reads the
+        pending tokens now, while the forward pass already runs, and computes the masks meanwhile.
+        """
+        mx.async_eval(logits)
+        tokens = self._tokens.tolist()
+        masks = {}
+        for i, m in enumerate(self.members):
+            if m.constraint is not None:
+                m.constraint.advance(tokens[i])
+                mask = m.constraint.mask()
+                if mask is not None:
+                    masks[i] = mask
+        return bias_rows(logits, masks) if masks else logits
 
     def read(self) -> list[int]:
         """The pending tokens, in member order: one host sync for the whole batch."""

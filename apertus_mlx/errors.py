@@ -15,6 +15,10 @@ class CheckpointError(ApertusError, ValueError):
     """A weight file is missing, truncated, or holds tensors that do not fit the model."""
 
 
+class ResponseFormatError(ApertusError, ValueError):
+    """A `response_format` that is not one OpenAI accepts, or whose JSON schema cannot be enforced."""
+
+
 class ModelNotFoundError(ApertusError, FileNotFoundError):
     """A model path does not exist, or a repo id cannot be resolved (offline or unknown)."""
 

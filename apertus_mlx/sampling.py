@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_repetition_penalty
 
+from .constraints import check_response_format
 from .errors import ApertusError
 
 PENALTY_CONTEXT = 20  # tokens the repetition penalty looks back over, as mlx-lm's does
@@ -30,6 +32,9 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # strings that end the answer (not included in it)
     logprobs: int | None = None  # stream each token's log-probability and this many top alternatives
+    # OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}:
+    # the answer is generated under the schema's grammar (see constraints.py); None or {"type": "text"}: free.
+    response_format: dict[str, Any] | None = None
 
     def __post_init__(self):
         checks = [
@@ -47,8 +52,14 @@ class SamplingOptions:
         for ok, message in checks:
             if not ok:
                 raise ApertusError(message)
+        object.__setattr__(self, "_grammar", check_response_format(self.response_format))  # raises if bad
         if isinstance(self.stop, str):  # a lone string would be read as its characters
             object.__setattr__(self, "stop", (self.stop,))
+
+    @property
+    def grammar(self) -> str | None:
+        """The grammar `response_format` compiles to (checked when these options were made); None: free text."""
+        return self._grammar
 
 
 def new_key(seed: int | None = None) -> mx.array:

@@ -8,6 +8,7 @@ rotating caches, speculative decoding) on their own. Turns join and leave betwee
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from typing import Any
@@ -16,6 +17,7 @@ import mlx.core as mx
 
 from .assembler import TurnAssembler
 from .chat_format import assistant_message
+from .constraints import Constraint
 from .decode import DecodeBatch, Sampled, batchable, sample, speculative_step
 from .errors import ApertusError, TurnError
 from .events import Done, PrefillProgress, Stats, TokenLogprobs, ToolCall
@@ -44,6 +46,15 @@ class Run:
         self.sampler = TokenSampler(self.options, new_key(self.options.seed))  # fresh entropy unless seeded
         self.assembler = TurnAssembler(self.session.tokenizer, self.options.stop, turn.start_channel)
         self.top_logprobs = self.options.logprobs
+        self.constraint: Constraint | None = None
+        if self.options.grammar is not None:
+            self.constraint = Constraint(
+                self.options.grammar,
+                self.session.tokenizer,
+                self.session.model.args.vocab_size,
+                think=self.session.think,
+                start_channel=turn.start_channel,
+            )
         self.recent = list(self.prompt[-20:])
         self.pending: Sampled | None = None
         self.upcoming: Sampled | None = None
@@ -200,7 +211,9 @@ class Scheduler:
             if run.session.draft_model is not None:
                 run.session.draft_model(mx.array(chunk)[None], cache=run.session.draft_cache)
             if last:
-                run.pending = sample(run, logits[:, -1, :])
+                logits = logits[:, -1, :]
+                mask = run.constraint.mask() if run.constraint is not None else None
+                run.pending = sample(run, logits if mask is None else logits + mask.astype(logits.dtype))
                 mx.eval(run.pending.arrays())
             else:
                 mx.eval([c.state for c in run.cache])
@@ -245,7 +258,8 @@ class Scheduler:
         if sampled is not None and sampled.logprob is not None:
             top = ()
             if sampled.top is not None:
-                top = tuple(zip(sampled.top[0].tolist(), sampled.top[1].tolist(), strict=True))
+                pairs = zip(sampled.top[0].tolist(), sampled.top[1].tolist(), strict=True)
+                top = tuple((i, p) for i, p in pairs if p > -math.inf)  # a grammar's masked tokens are not alternatives
             run.turn.put(TokenLogprobs(token, sampled.logprob.item(), top))
         self._feed(run, token)
 

@@ -151,8 +151,7 @@ class ChatSession:
 
     def _turn_options(self, overrides: dict[str, Any]) -> SamplingOptions:
         options = replace(self.options, **overrides) if overrides else self.options
-        if self.draft_model is not None and (options.repetition_penalty or options.logprobs is not None):
-            raise ApertusError("repetition_penalty and logprobs are not supported with a draft model")
+        _check_draft_options(self.draft_model is not None, options)
         return options
 
     def release(self, turn: Turn) -> None:
@@ -314,10 +313,16 @@ def check_cache_settings(
 def _check_settings(model, options, draft_model, num_draft_tokens, kv_bits, kv_group_size, max_kv_size) -> None:
     """`check_cache_settings`, and what depends on the model and the sampling options."""
     check_cache_settings(draft_model is not None, num_draft_tokens, kv_bits, max_kv_size)
-    if draft_model is not None and (options.repetition_penalty or options.logprobs is not None):
-        raise ApertusError("repetition_penalty and logprobs are not supported with a draft model")
+    _check_draft_options(draft_model is not None, options)
     if kv_bits is not None and model.args.head_dim % kv_group_size:
         raise ApertusError(f"kv_group_size {kv_group_size} does not divide the head dimension {model.args.head_dim}")
+
+
+def _check_draft_options(draft: bool, options: SamplingOptions) -> None:
+    if draft and (options.repetition_penalty or options.logprobs is not None):
+        raise ApertusError("repetition_penalty and logprobs are not supported with a draft model")
+    if draft and options.grammar is not None:
+        raise ApertusError("response_format is not supported with a draft model (speculative decoding)")
 
 
 def model_fingerprint(model: Any) -> str:
