@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stdio:
         from .stdio import run_stdio
 
-        return run_stdio(args.model, pool_size=args.pool_size, limits=Limits(max_tokens=args.max_tokens))
+        limits = Limits(max_tokens=args.max_tokens)
+        return run_stdio(args.model, pool_size=args.pool_size, limits=limits, max_active=args.max_requests)
 
     import uvicorn
 

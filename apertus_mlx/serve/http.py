@@ -24,9 +24,9 @@ from starlette.routing import Route
 from apertus_mlx import ApertusError, Engine
 
 from .errors import RequestError
-from .pool import SessionPool
+from .pool import Lease, SessionPool
 from .requests import Limits, parse_chat, parse_completion
-from .responses import ChatStream, CompletionStream, LogprobText
+from .responses import ChatStream, CompletionStream, LogprobText, start_turn
 
 OPEN_PATHS = ("/health",)  # answered without the API key, for supervisors
 
@@ -124,7 +124,7 @@ class Api:
         req = parse_chat(body, self.config.limits)
         self._check_model(req.model)
         lease = self.pool.lease(req.messages, req.system, req.tools, req.think)
-        events = await _first(self.engine.astream(lease.session, None, **req.options), lease)
+        events = await _started(self.engine.astream(lease.session, None, **req.options), lease)
         text = LogprobText(self.engine.tokenizer) if req.logprobs else None
         return ChatStream(events, self.engine.info.name, text, req.include_usage), lease, req.stream
 
@@ -132,7 +132,7 @@ class Api:
         req = parse_completion(body, self.config.limits)
         self._check_model(req.model)
         lease = self.pool.lease([])
-        events = await _first(self.engine.acomplete(lease.session, req.prompt, **req.options), lease)
+        events = await _started(self.engine.acomplete(lease.session, req.prompt, **req.options), lease)
         text = LogprobText(self.engine.tokenizer) if "logprobs" in req.options else None
         return CompletionStream(events, self.engine.info.name, text, req.include_usage), lease, req.stream
 
@@ -184,23 +184,12 @@ class Api:
 _NO_CACHE = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _first(events: AsyncIterator[Any], lease: Any) -> AsyncIterator[Any]:
-    """Start the turn now, so bad input (too long for the context, a bad option) is a 400, not a broken stream."""
+async def _started(events: AsyncIterator[Any], lease: Lease) -> AsyncIterator[Any]:
     try:
-        first = await anext(events)
-    except (ApertusError, ValueError) as e:
+        return await start_turn(events)
+    except RequestError:
         lease.release()
-        message = str(e).splitlines()[0]
-        code = "context_length_exceeded" if "context" in message else None
-        raise RequestError(message, param="messages" if code else None, code=code) from None
-
-    async def chained() -> AsyncIterator[Any]:
-        async with aclosing(events):
-            yield first
-            async for event in events:
-                yield event
-
-    return chained()
+        raise
 
 
 async def _sse(stream: ChatStream | CompletionStream, lease: Any) -> AsyncIterator[str]:

@@ -3,14 +3,44 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
+from apertus_mlx import ApertusError, EngineClosedError
 from apertus_mlx.events import Done, TextDelta, TokenLogprobs, ToolCall, ToolCallError
 
+from .errors import RequestError
+
+# OpenAI's finish reasons. A cancelled turn only happens here when the HTTP client is gone; the stdio
+# bridge, whose clients cancel on purpose, reports "cancelled" as it is.
 FINISH = {"stop": "stop", "stop_string": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop"}
+LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a token of probability 0 (JSON has no -Infinity)
+ChunkHook = Callable[[dict[str, Any]], None]
+
+
+async def start_turn(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Start the turn now, so bad input (too long for the context, a bad option) is a `RequestError`
+    before anything is streamed; returns the turn's events, the first one included."""
+    try:
+        first = await anext(events)
+    except EngineClosedError as e:
+        raise RequestError(f"the model was unloaded: {_line(e)}", status=503, kind="server_error") from None
+    except (ApertusError, ValueError) as e:
+        message = _line(e)
+        code = "context_length_exceeded" if "context" in message else None
+        raise RequestError(message, param="messages" if code else None, code=code) from None
+
+    async def chained() -> AsyncIterator[Any]:
+        async with aclosing(events):
+            yield first
+            async for event in events:
+                yield event
+
+    return chained()
 
 
 def usage(done: Done) -> dict[str, Any]:
@@ -37,18 +67,52 @@ class LogprobText:
 
     def _one(self, token: int, logprob: float) -> dict[str, Any]:
         text = self.tokenizer.decode([token])
+        logprob = logprob if math.isfinite(logprob) else LOWEST_LOGPROB
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
-class ChatStream:
+class _Stream:
+    """What both kinds of completion share: the turn's events, naming, and the optional hooks."""
+
+    prefix = ""
+
+    def __init__(
+        self,
+        events: AsyncIterator[Any],
+        model: str,
+        logprobs: LogprobText | None,
+        include_usage: bool,
+        *,
+        finish: dict[str, str] = FINISH,
+        on_chunk: ChunkHook | None = None,
+    ):
+        """`finish` maps the engine's finish reasons to the ones sent; `on_chunk` sees every chunk as it goes."""
+        self.events, self.model, self.logprobs, self.include_usage = events, model, logprobs, include_usage
+        self.finish, self.on_chunk = finish, on_chunk
+        self.id = f"{self.prefix}{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.done: Done | None = None
+
+    async def close(self) -> None:
+        """End the turn if it is still running (the client is gone)."""
+        await self.events.aclose()
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        async with aclosing(self._chunks()) as chunks:
+            async for chunk in chunks:
+                if self.on_chunk is not None:
+                    self.on_chunk(chunk)
+                yield chunk
+
+    def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class ChatStream(_Stream):
     """One chat completion: `chunks()` turns the turn's events into `chat.completion.chunk` objects,
     `response()` collects them into one `chat.completion`."""
 
-    def __init__(self, events: AsyncIterator[Any], model: str, logprobs: LogprobText | None, include_usage: bool):
-        self.events, self.model, self.logprobs, self.include_usage = events, model, logprobs, include_usage
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.done: Done | None = None
+    prefix = "chatcmpl-"
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, logprobs: list | None = None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": {"content": logprobs} if logprobs else None}
@@ -61,11 +125,7 @@ class ChatStream:
             "choices": [choice],
         }
 
-    async def close(self) -> None:
-        """End the turn if it is still running (the client is gone)."""
-        await self.events.aclose()
-
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
         yield self._chunk({"role": "assistant", "content": ""})
         pending: list[dict[str, Any]] = []  # logprobs arrive before the text of their token
         calls = 0
@@ -86,7 +146,7 @@ class ChatStream:
                 yield self._chunk({"content": event.raw})
             elif isinstance(event, Done):
                 self.done = event
-                yield self._chunk({}, FINISH[event.finish_reason], logprobs=pending)
+                yield self._chunk({}, self.finish[event.finish_reason], logprobs=pending)
         if self.include_usage and self.done is not None:
             yield {**self._chunk({}), "choices": [], "usage": usage(self.done)}
 
@@ -129,14 +189,10 @@ class ChatStream:
         return out
 
 
-class CompletionStream:
+class CompletionStream(_Stream):
     """One raw-prompt completion (`text_completion` objects), streamed or whole."""
 
-    def __init__(self, events: AsyncIterator[Any], model: str, logprobs: LogprobText | None, include_usage: bool):
-        self.events, self.model, self.logprobs, self.include_usage = events, model, logprobs, include_usage
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.done: Done | None = None
+    prefix = "cmpl-"
 
     def _chunk(self, text: str, finish: str | None = None, logprobs: list | None = None) -> dict[str, Any]:
         lp = None
@@ -156,11 +212,7 @@ class CompletionStream:
             "choices": [choice],
         }
 
-    async def close(self) -> None:
-        """End the turn if it is still running (the client is gone)."""
-        await self.events.aclose()
-
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
         pending: list[dict[str, Any]] = []
         async for event in self.events:
             if isinstance(event, TokenLogprobs) and self.logprobs is not None:
@@ -170,7 +222,7 @@ class CompletionStream:
                 pending = []
             elif isinstance(event, Done):
                 self.done = event
-                yield self._chunk("", FINISH[event.finish_reason], logprobs=pending)
+                yield self._chunk("", self.finish[event.finish_reason], logprobs=pending)
         if self.include_usage and self.done is not None:
             yield {**self._chunk(""), "choices": [], "usage": usage(self.done)}
 
@@ -192,6 +244,10 @@ class CompletionStream:
         if self.done is not None:
             out["usage"] = usage(self.done)
         return out
+
+
+def _line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _json(value: Any) -> str:
