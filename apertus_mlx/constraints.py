@@ -28,7 +28,6 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 JSON_OBJECT = {"type": "object"}
 TYPES = ("text", "json_object", "json_schema")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_SHIFTS = mx.arange(32, dtype=mx.uint32)
 
 
 def check_response_format(value: Any) -> str | None:
@@ -62,7 +61,7 @@ def check_response_format(value: Any) -> str | None:
     if not isinstance(schema, (dict, bool)):
         raise ResponseFormatError(f"response_format.json_schema.schema must be a JSON schema object, got {schema!r}")
     try:
-        text = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+        text = json.dumps(schema, ensure_ascii=False)  # key order kept: properties are written in the schema's order
     except (TypeError, ValueError) as e:
         raise ResponseFormatError(f"response_format.json_schema.schema: not JSON ({e})") from None
     return _grammar(text)
@@ -89,7 +88,8 @@ def _grammar(schema_text: str) -> str:
 
 
 def _one_line(error: Any) -> str:
-    return " ".join(str(error).split())
+    text = " ".join(str(error).split())
+    return text.split(" <state>")[0][:300]  # a matcher's errors go on with its whole state and grammar
 
 
 # ---- one turn's state ----------------------------------------------------------------------------------------
@@ -129,10 +129,13 @@ class Constraint:
         ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in _MARKERS}
         self._inner_start, self._inner_end = ids["inner_prefix"], ids["inner_suffix"]
         self._tools_start, self._tools_end = ids["tools_prefix"], ids["tools_suffix"]
-        end = ids["assistant_end"]
-        self.ends = (end,) if isinstance(end, int) and end != tokenizer.unk_token_id else tuple(tokenizer.eos_token_ids)
+        # The turn's own end, <|assistant_end|>, when it is one of the ids that end a turn; else all of those.
+        eos = set(tokenizer.eos_token_ids)
+        self.ends = (ids["assistant_end"],) if ids["assistant_end"] in eos else tuple(sorted(eos))
         self.vocab = vocab
         self.matcher = _start(_ll_tokenizer(tokenizer, vocab, self.ends), grammar).deep_copy()
+        # Made here, on the thread that decodes: MLX streams are per thread.
+        self._shifts = mx.arange(32, dtype=mx.uint32)
         self._words = np.zeros((max(vocab, len(tokenizer)) + 31) // 32, dtype=np.uint32)
         self.channel = start_channel  # "answer", "reasoning" or "tools"
         self._resume = start_channel
@@ -158,7 +161,7 @@ class Constraint:
         if self.think and not self.started:  # the answer may still open with deliberation
             self._words[self._inner_start // 32] |= np.uint32(1 << (self._inner_start % 32))
         words = mx.array(self._words)
-        allowed = ((words[:, None] >> _SHIFTS) & 1).reshape(-1)[: self.vocab]
+        allowed = ((words[:, None] >> self._shifts) & 1).reshape(-1)[: self.vocab]
         return mx.where(allowed.astype(mx.bool_), 0.0, -mx.inf)
 
     def advance(self, token: int) -> None:

@@ -4,6 +4,10 @@ This is the hot path. A `DecodeBatch` builds the next step's graph before the cu
 read (`mx.async_eval`), so the device never waits on Python; the per-token Python is sampling.
 Sessions whose caches can share a batch (plain `KVCache`) are merged into mlx-lm's `BatchKVCache`
 while two or more decode, and a lone session decodes on its own cache, with no mask.
+
+A member with a grammar (`response_format`) gets its row of logits masked each step; that needs its last
+token on the host before the step samples, which is read while the forward pass runs. Members without
+one are not touched, and a batch without any runs exactly as before.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class DecodeBatch:
         self._merged: list[BatchKVCache] | None = None  # while two or more members decode
         self._tokens: mx.array | None = None  # (members,) the pending tokens, the next step's input
         self._next: mx.array | None = None  # (members,) the tokens the dispatched step samples
+        self._constrained = 0  # members with a grammar; while none, a step has no per-row Python
 
     def add(self, member: Member) -> None:
         """Join between steps, with `member.pending` sampled from its prompt."""
@@ -106,6 +111,7 @@ class DecodeBatch:
         token = member.pending.token
         self._tokens = token if self._tokens is None else mx.concatenate([self._tokens, token])
         self.members.append(member)
+        self._constrained += member.constraint is not None
 
     def remove(self, member: Member) -> None:
         """Take `member` out; its own cache gets back its keys and values (then the caller trims it)."""
@@ -120,6 +126,7 @@ class DecodeBatch:
                 for layer in self._merged:
                     layer.filter(keep)
         self.members.pop(i)
+        self._constrained -= member.constraint is not None
         index = mx.array(keep)
         self._tokens = self._tokens[index] if keep and self._tokens is not None else None
         self._next = self._next[index] if keep and self._next is not None else None
@@ -130,7 +137,7 @@ class DecodeBatch:
         logits = self.model(self._tokens[:, None], cache=cache)[:, -1, :]
         if self.kv_quant:
             self.kv_quant.apply(cache)
-        if any(m.constraint is not None for m in self.members):
+        if self._constrained:
             logits = self._constrain(logits)
         if all(m.sampler.plain_greedy and m.top_logprobs is None for m in self.members):
             # The common case shares one argmax: no per-row ops at all.

@@ -118,7 +118,9 @@ def test_sampled_answers_always_validate(demo, seed):
     )
     *_, done = ChatSession(model, tokenizer, options=options).stream("Describe Bern.")
     assert done.finish_reason == "stop"
-    valid_city(json.loads(done.answer))
+    value = json.loads(done.answer)
+    valid_city(value)
+    assert list(value) == [key for key in CITY["properties"] if key in value]  # in the schema's order, as OpenAI's
     assert done.tokens[-1] == tokenizer.convert_tokens_to_ids("<|assistant_end|>")  # the turn ends at the grammar's end
 
 
@@ -238,11 +240,11 @@ def test_constrained_and_free_chats_share_one_engine(checkpoint, monkeypatch):
     engine = Engine(checkpoint).wait_ready(timeout=120)
     try:
         free = engine.session(options=greedy)
-        constrained = [
+        others = [
             engine.session(options=SamplingOptions(max_tokens=30, temperature=t, seed=i, response_format=f))
             for i, (t, f) in enumerate([(1.0, schema_format(SMALL)), (0.0, schema_format(SMALL)), (1.0, None)])
         ]
-        streams = [engine.stream(s, "Tell me about Bern.") for s in [free, *constrained]]
+        streams = [engine.stream(s, "Tell me about Bern.") for s in [free, *others]]
         results = [None] * len(streams)
 
         def consume(i):
@@ -257,7 +259,7 @@ def test_constrained_and_free_chats_share_one_engine(checkpoint, monkeypatch):
         engine.close(timeout=30)
     assert max(sizes) >= 3  # the free chat decoded in one batch with the constrained ones
     assert results[0].tokens == alone.tokens and len(alone.tokens) == 30
-    for done in results[1:3]:
+    for done in results[1:3]:  # the two with a grammar
         value = json.loads(done.answer)
         assert done.finish_reason == "stop" and value["color"] in {"red", "green", "blue"} and 0 <= value["n"] <= 9
 
