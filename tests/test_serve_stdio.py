@@ -293,13 +293,15 @@ def test_stray_output_goes_to_stderr():
 
 def test_a_model_failing_mid_answer_is_a_server_error():
     from apertus_mlx import TurnError
-    from apertus_mlx.serve.stdio import MODEL_ERROR, ChatRelay, RpcError, _answer
+    from apertus_mlx.serve.inflight import _response
+    from apertus_mlx.serve.responses import ChatStream
+    from apertus_mlx.serve.rpc import MODEL_ERROR, RpcError
 
     async def failing():
         yield apertus_mlx.TextDelta("Hel", "answer")
         raise TurnError.wrap(MemoryError("out of memory"))
 
     with pytest.raises(RpcError) as caught:
-        asyncio.run(_answer(ChatRelay(failing(), "m", None, False), None, None, None))
+        asyncio.run(_response(ChatStream(failing(), "m", None, False)))
     assert caught.value.code == MODEL_ERROR and "MemoryError: out of memory" in caught.value.message
     assert caught.value.data["error"]["type"] == "server_error"

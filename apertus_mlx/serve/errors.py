@@ -27,3 +27,14 @@ class RequestError(Exception):
 def bad(param: str, message: str) -> RequestError:
     """A 400 naming `param`: "`param`: message"."""
     return RequestError(f"{param}: {message}", param=param)
+
+
+def model_failed(error: BaseException) -> RequestError:
+    """The model failed mid-answer (out of memory, a bug): a server error; the server goes on."""
+    return RequestError(first_line(error), status=500, kind="server_error")
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line of a message: its first line, or its type's name when it says nothing."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

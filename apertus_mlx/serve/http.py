@@ -23,10 +23,10 @@ from starlette.routing import Route
 
 from apertus_mlx import ApertusError, Engine
 
-from .errors import RequestError
+from .errors import RequestError, first_line, model_failed
 from .pool import Lease, SessionPool
 from .requests import Limits, parse_chat, parse_completion
-from .responses import ChatStream, CompletionStream, LogprobText, start_turn
+from .turns import Stream, chat_turn, completion_turn
 
 OPEN_PATHS = ("/health",)  # answered without the API key, for supervisors
 
@@ -116,25 +116,21 @@ class Api:
         try:
             return JSONResponse(await _until_disconnect(request, stream.response()))
         except ApertusError as e:  # the model failed mid-answer (out of memory, a bug): the server goes on
-            return _error(RequestError(str(e).splitlines()[0], status=500, kind="server_error"))
+            return _error(model_failed(e))
         finally:
             lease.release()
 
-    async def _start_chat(self, body: Any) -> tuple[ChatStream, Any, bool]:
+    async def _start_chat(self, body: Any) -> tuple[Stream, Lease, bool]:
         req = parse_chat(body, self.config.limits)
         self._check_model(req.model)
-        lease = self.pool.lease(req.messages, req.system, req.tools, req.think)
-        events = await _started(self.engine.astream(lease.session, None, **req.options), lease)
-        text = LogprobText(self.engine.tokenizer) if req.logprobs else None
-        return ChatStream(events, self.engine.info.name, text, req.include_usage), lease, req.stream
+        turn = chat_turn(self.engine, self.pool, req)
+        return await turn.start(), turn.lease, req.stream
 
-    async def _start_completion(self, body: Any) -> tuple[CompletionStream, Any, bool]:
+    async def _start_completion(self, body: Any) -> tuple[Stream, Lease, bool]:
         req = parse_completion(body, self.config.limits)
         self._check_model(req.model)
-        lease = self.pool.lease([])
-        events = await _started(self.engine.acomplete(lease.session, req.prompt, **req.options), lease)
-        text = LogprobText(self.engine.tokenizer) if "logprobs" in req.options else None
-        return CompletionStream(events, self.engine.info.name, text, req.include_usage), lease, req.stream
+        turn = completion_turn(self.engine, self.pool, req)
+        return await turn.start(), turn.lease, req.stream
 
     async def _body(self, request: Request) -> Any:
         limit = self.config.max_body_bytes
@@ -184,15 +180,7 @@ class Api:
 _NO_CACHE = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _started(events: AsyncIterator[Any], lease: Lease) -> AsyncIterator[Any]:
-    try:
-        return await start_turn(events)
-    except RequestError:
-        lease.release()
-        raise
-
-
-async def _sse(stream: ChatStream | CompletionStream, lease: Any) -> AsyncIterator[str]:
+async def _sse(stream: Stream, lease: Lease) -> AsyncIterator[str]:
     """Server-sent events: `data: {chunk}` lines, then `data: [DONE]`. A vanished client cancels the turn
     (Starlette cancels this generator, which closes the engine's stream)."""
     try:
@@ -200,8 +188,7 @@ async def _sse(stream: ChatStream | CompletionStream, lease: Any) -> AsyncIterat
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
     except ApertusError as e:
-        error = RequestError(str(e).splitlines()[0], status=500, kind="server_error")
-        yield f"data: {json.dumps(error.to_dict())}\n\n"
+        yield f"data: {json.dumps(model_failed(e).to_dict())}\n\n"
     finally:
         lease.release()
     yield "data: [DONE]\n\n"
@@ -231,5 +218,4 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return _error(RequestError(f"internal error: {message}", status=500, kind="server_error"))
+    return _error(RequestError(f"internal error: {first_line(exc)}", status=500, kind="server_error"))

@@ -13,7 +13,7 @@ from typing import Any
 from apertus_mlx import ApertusError, EngineClosedError
 from apertus_mlx.events import Done, TextDelta, TokenLogprobs, ToolCall, ToolCallError
 
-from .errors import RequestError
+from .errors import RequestError, first_line
 
 # OpenAI's finish reasons. A cancelled turn only happens here when the HTTP client is gone; the stdio
 # bridge, whose clients cancel on purpose, reports "cancelled" as it is.
@@ -28,9 +28,9 @@ async def start_turn(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
     try:
         first = await anext(events)
     except EngineClosedError as e:
-        raise RequestError(f"the model was unloaded: {_line(e)}", status=503, kind="server_error") from None
+        raise RequestError(f"the model was unloaded: {first_line(e)}", status=503, kind="server_error") from None
     except (ApertusError, ValueError) as e:
-        message = _line(e)
+        message = first_line(e)
         code = "context_length_exceeded" if "context" in message else None
         raise RequestError(message, param="messages" if code else None, code=code) from None
 
@@ -244,10 +244,6 @@ class CompletionStream(_Stream):
         if self.done is not None:
             out["usage"] = usage(self.done)
         return out
-
-
-def _line(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _json(value: Any) -> str:
