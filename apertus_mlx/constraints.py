@@ -127,6 +127,7 @@ class Constraint:
 
     def __init__(self, grammar: str, tokenizer: Any, vocab: int, *, think: bool = False, start_channel: str = "answer"):
         ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in _MARKERS}
+        ids = {name: -1 if i is None or i == tokenizer.unk_token_id else i for name, i in ids.items()}  # absent
         self._inner_start, self._inner_end = ids["inner_prefix"], ids["inner_suffix"]
         self._tools_start, self._tools_end = ids["tools_prefix"], ids["tools_suffix"]
         # The turn's own end, <|assistant_end|>, when it is one of the ids that end a turn; else all of those.
@@ -158,7 +159,7 @@ class Constraint:
         if not self.active:
             return None
         self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
-        if self.think and not self.started:  # the answer may still open with deliberation
+        if self.think and not self.started and self._inner_start >= 0:  # the answer may still open with deliberation
             self._words[self._inner_start // 32] |= np.uint32(1 << (self._inner_start % 32))
         words = mx.array(self._words)
         allowed = ((words[:, None] >> self._shifts) & 1).reshape(-1)[: self.vocab]
