@@ -223,3 +223,42 @@ def test_the_openai_client_raises_its_own_errors(client):
     bad = openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+CITY = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 24},
+        "canton": {"type": "string", "enum": ["BE", "ZH", "GE", "TI"]},
+        "population": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
+    },
+    "required": ["city", "canton", "population"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_json_schema_response_parses_and_validates(client, seed):
+    answer = client.chat.completions.create(
+        model="demo model",
+        messages=[{"role": "user", "content": "Name a Swiss city as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}},
+        temperature=1.0,
+        seed=seed,
+        max_tokens=200,
+    )
+    assert answer.choices[0].finish_reason == "stop"
+    value = json.loads(answer.choices[0].message.content)
+    assert set(value) == {"city", "canton", "population"}
+    assert isinstance(value["city"], str) and len(value["city"]) <= 24
+    assert value["canton"] in CITY["properties"]["canton"]["enum"]
+    assert isinstance(value["population"], int) and 0 <= value["population"] <= 10_000_000
+
+
+def test_a_bad_response_format_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(
+            model="demo model",
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "yaml"},
+        )
