@@ -19,6 +19,8 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any, TypeVar
 
+import mlx.core as mx
+
 from .errors import EngineClosedError, TurnError
 from .events import Event
 from .load import DEFAULT_MODEL, choose_model, load, load_model
@@ -81,6 +83,15 @@ class Engine:
             return False
         self._loaded.result()
         return True
+
+    def memory(self) -> dict[str, float]:
+        """MLX's memory in GB: `active` (arrays in use), `cache` (freed buffers kept for reuse), `peak`."""
+        gb = 1e9
+        return {
+            "active": mx.get_active_memory() / gb,
+            "cache": mx.get_cache_memory() / gb,
+            "peak": mx.get_peak_memory() / gb,
+        }
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Run `fn(*args, **kwargs)` on the MLX thread, between two scheduler steps."""

@@ -48,6 +48,7 @@ def test_models_and_health(client, server):
     assert model.id == "demo model" and model.owned_by == "apertus-mlx"
     health = httpx.get(f"{server.url}/health").json()  # no key needed
     assert health["status"] == "ok" and health["model"] == "demo model"
+    assert set(health["memory_gb"]) == {"active", "cache", "peak"} and health["memory_gb"]["active"] > 0
 
 
 def test_chat_matches_the_python_api_streamed_or_not(client, local):

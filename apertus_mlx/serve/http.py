@@ -76,6 +76,7 @@ class Api:
         body = {"status": "ok" if ready else "loading", "active_requests": self.pool.active}
         if ready:
             body["model"] = self.engine.info.name
+            body["memory_gb"] = {k: round(v, 3) for k, v in self.engine.memory().items()}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def models(self, request: Request) -> Response:
