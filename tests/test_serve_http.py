@@ -263,3 +263,17 @@ def test_a_bad_response_format_is_a_400_naming_it(client):
             messages=[{"role": "user", "content": "x"}],
             response_format={"type": "yaml"},
         )
+
+
+def test_an_unforeseen_failure_is_a_500_and_frees_its_slot(server, client, monkeypatch):
+    async def broken(session, text, **options):
+        raise RuntimeError("template exploded")
+        yield  # an async generator, like the real one
+
+    monkeypatch.setattr(server.engine, "astream", broken)
+    with pytest.raises(openai.InternalServerError, match="template exploded"):
+        client.chat.completions.create(model="demo model", messages=[{"role": "user", "content": "x"}])
+    monkeypatch.undo()
+    assert httpx.get(f"{server.url}/health").json()["active_requests"] == 0
+    ok = client.chat.completions.create(model="demo model", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert ok.usage.completion_tokens == 2

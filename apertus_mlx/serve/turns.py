@@ -9,7 +9,6 @@ from typing import Any
 
 from apertus_mlx import Engine
 
-from .errors import RequestError
 from .pool import Lease, SessionPool
 from .requests import ChatRequest, CompletionRequest
 from .responses import ChatStream, CompletionStream, LogprobText, start_turn
@@ -26,10 +25,11 @@ class LeasedTurn:
     shape: Callable[[AsyncIterator[Any]], Stream]  # the started events to the response stream
 
     async def start(self) -> Stream:
-        """Run the turn up to its first event; a refusal (`RequestError`) gives the chat back to the pool."""
+        """Run the turn up to its first event; a refusal (`RequestError`) or any other failure gives the chat
+        back to the pool, so no request can leave a slot taken."""
         try:
             events = await start_turn(self.events)
-        except RequestError:
+        except BaseException:  # refused, or anything unforeseen: the chat goes back either way
             self.lease.release()
             raise
         return self.shape(events)
