@@ -16,6 +16,16 @@ from tui.widgets.prompt import PromptInput
 FAST = {"temperature": 0.0, "max_tokens": 24}  # greedy and short: the same text on every run
 
 
+def stored_chat(home: Path, title: str, messages: list[dict[str, Any]], system: str | None = None) -> int:
+    """Put a chat in the app's database before the app starts; returns its id."""
+    store = ChatStore(home / "chats.sqlite")
+    chat = store.create(title, None, system)
+    chat.messages = messages
+    store.save(chat)
+    store.close()
+    return chat.id
+
+
 def make_app(home: Path, monkeypatch: Any, settings: dict[str, Any] | None = None, **kwargs: Any) -> ChatApp:
     """A `ChatApp` keeping its files in `home`, on the demo model unless `model=` says otherwise."""
     monkeypatch.setenv("APERTUS_CHAT_HOME", str(home))

@@ -10,7 +10,7 @@ from tui.widgets.message import MessageView, ToolCallView
 from tui.widgets.progress_panel import ProgressPanel
 from tui.widgets.prompt import PromptInput
 
-from chat_app import FAST, make_app, ready, run, send, submit, views, wait_for
+from chat_app import FAST, make_app, ready, run, send, stored_chat, submit, views, wait_for
 
 
 def test_an_answer_streams_in_pieces_and_is_saved(tmp_path, monkeypatch):
@@ -57,14 +57,14 @@ def test_escape_stops_and_keeps_exactly_what_was_shown(tmp_path, monkeypatch):
 
 
 def test_reasoning_is_apart_and_one_key_toggles_it(tmp_path, monkeypatch):
-    store = ChatStore(tmp_path / "chats.sqlite")
-    chat = store.create("Thinking", None, None)
-    chat.messages = [
-        {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."},
-    ]
-    store.save(chat)
-    store.close()
+    stored_chat(
+        tmp_path,
+        "Thinking",
+        [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."},
+        ],
+    )
     app = make_app(tmp_path, monkeypatch)
 
     async def main():
@@ -219,12 +219,8 @@ def test_a_bad_setting_is_refused_in_the_dialog(tmp_path, monkeypatch):
 
 
 def test_copy_the_answer_and_a_code_block(tmp_path, monkeypatch):
-    store = ChatStore(tmp_path / "chats.sqlite")
-    chat = store.create("Code", None, None)
     answer = "Two ways:\n\n```sh\nls -l\n```\n\n```py\nprint(1)\n```"
-    chat.messages = [{"role": "user", "content": "list files"}, {"role": "assistant", "content": answer}]
-    store.save(chat)
-    store.close()
+    stored_chat(tmp_path, "Code", [{"role": "user", "content": "list files"}, {"role": "assistant", "content": answer}])
     app = make_app(tmp_path, monkeypatch)
 
     async def main():
@@ -306,11 +302,7 @@ def test_a_failure_mid_answer_is_shown_and_nothing_is_lost(tmp_path, monkeypatch
 
 def test_key_bindings_come_from_the_config_file(tmp_path, monkeypatch):
     (tmp_path / "tui.toml").write_text('[keys]\ncopy_answer = "f6"\n', encoding="utf-8")
-    store = ChatStore(tmp_path / "chats.sqlite")
-    chat = store.create("Keys", None, None)
-    chat.messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "the answer"}]
-    store.save(chat)
-    store.close()
+    stored_chat(tmp_path, "Keys", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "the answer"}])
     app = make_app(tmp_path, monkeypatch)
 
     async def main():
@@ -418,17 +410,17 @@ def test_rename_and_delete_a_chat_from_the_sidebar(tmp_path, monkeypatch):
 
 
 def test_tool_calls_and_results_are_blocks_of_their_own(tmp_path, monkeypatch):
-    store = ChatStore(tmp_path / "chats.sqlite")
-    chat = store.create("Weather", None, None)
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Bern"}'}}
-    chat.messages = [
-        {"role": "user", "content": "Weather in Bern?"},
-        {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "content": '{"temperature": 21}', "tool_call_id": "call_1"},
-        {"role": "assistant", "content": "It is 21 °C."},
-    ]
-    store.save(chat)
-    store.close()
+    stored_chat(
+        tmp_path,
+        "Weather",
+        [
+            {"role": "user", "content": "Weather in Bern?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": '{"temperature": 21}', "tool_call_id": "call_1"},
+            {"role": "assistant", "content": "It is 21 °C."},
+        ],
+    )
     app = make_app(tmp_path, monkeypatch)
 
     async def main():
