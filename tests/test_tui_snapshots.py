@@ -7,9 +7,10 @@ A change in how the app looks fails here until the new pictures are accepted wit
 from __future__ import annotations
 
 import pytest
-from chat_app import make_app, ready
 
 from tui.store import ChatStore
+
+from chat_app import make_app, ready
 
 ANSWER = """Zürich is the largest city; the capital is **Bern**.
 
