@@ -269,7 +269,11 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+        parts = [p for p in content if isinstance(p, dict)]
+        if other := [p.get("type") for p in parts if p.get("type", "text") != "text"]:
+            # Images and audio (Apertus 1.5) have no input path yet: refuse them rather than drop them unseen.
+            raise ApertusError(f"message content part of type {other[0]!r} is not supported; only text parts are")
+        return "".join(p.get("text", "") for p in parts)
     raise ApertusError(f"message content must be a string or a list of text parts, not {type(content).__name__}")
 
 

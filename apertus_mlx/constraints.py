@@ -130,6 +130,7 @@ class Constraint:
         ids = {name: -1 if i is None or i == tokenizer.unk_token_id else i for name, i in ids.items()}  # absent
         self._inner_start, self._inner_end = ids["inner_prefix"], ids["inner_suffix"]
         self._tools_start, self._tools_end = ids["tools_prefix"], ids["tools_suffix"]
+        self._markers = [i for i in (self._inner_start, self._inner_end, self._tools_start, self._tools_end) if i >= 0]
         # The turn's own end, <|assistant_end|>, when it is one of the ids that end a turn; else all of those.
         eos = set(tokenizer.eos_token_ids)
         self.ends = (ids["assistant_end"],) if ids["assistant_end"] in eos else tuple(sorted(eos))
@@ -159,6 +160,8 @@ class Constraint:
         if not self.active:
             return None
         self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+        for marker in self._markers:  # where markers are plain tokens (Apertus 1.5), the grammar sees them as text
+            self._words[marker // 32] &= ~np.uint32(1 << (marker % 32))
         if self.think and not self.started and self._inner_start >= 0:  # the answer may still open with deliberation
             self._words[self._inner_start // 32] |= np.uint32(1 << (self._inner_start % 32))
         words = mx.array(self._words)

@@ -130,7 +130,10 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None) -> Tokenize
     which ends an Apertus chat turn.
     """
     config = config if config is not None else load_config(path)
-    eos = _as_list(config.get("eos_token_id"))
+    text_config = config.get("text_config")  # Apertus 1.5's full model keeps its text settings there
+    eos = _as_list(
+        config.get("eos_token_id", text_config.get("eos_token_id") if isinstance(text_config, dict) else None)
+    )
     gen_file = path / "generation_config.json"
     if gen_file.is_file():
         try:

@@ -4,6 +4,9 @@ Apertus is a pre-norm decoder-only transformer: grouped-query attention with an 
 query and key head (QK-norm) before llama3-scaled RoPE, and a non-gated MLP whose activation is
 xIELU with learned per-layer parameters. Module attribute names equal the Hugging Face tensor
 names, so a checkpoint loads by name after `Model.sanitize`.
+
+Apertus 1.5 checkpoints (text path) run on the same decoder; `apertus1p5.py` maps their configs and
+tensor names onto it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
+from . import apertus1p5
 from .errors import ConfigError
 
 # Keys without which the model's shape is unknown; the rest have the reference's defaults.
@@ -33,7 +37,7 @@ class ModelArgs:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
-    vocab_size: int
+    vocab_size: int  # rows of the LM head: the width of the logits, so the ids that can be generated
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 65536
     tie_word_embeddings: bool = False
@@ -42,61 +46,75 @@ class ModelArgs:
     qk_norm: bool = True
     mlp_bias: bool = False
     attention_bias: bool = False
-    model_type: str = "apertus"
+    model_type: str = "apertus"  # or "apertus1p5_text", "apertus1p5"
+    input_vocab_size: int | None = None  # rows of the input embedding when more than `vocab_size` (Apertus 1.5)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.input_vocab_size is None:
+            self.input_vocab_size = self.vocab_size
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelArgs:
-        """Build from a `config.json` dict of either schema (transformers 4.56+ or >= 5)."""
+        """Build from a `config.json` dict: Apertus (transformers 4.56+ or >= 5 schema) or Apertus 1.5's text path."""
         model_type = config.get("model_type")
-        if model_type != "apertus":
-            raise ConfigError(f"config.json: model_type is {model_type!r}, expected 'apertus'")
-        if missing := [k for k in _REQUIRED if k not in config]:
-            raise ConfigError(f"config.json: missing key(s) {', '.join(missing)}")
-        if (act := config.get("hidden_act", "xielu")) != "xielu":
-            raise ConfigError(f"config.json: hidden_act {act!r} is not supported (Apertus uses 'xielu')")
-        if config.get("post_norm", False):
-            raise ConfigError("config.json: post_norm=true is not supported (no Apertus release uses it)")
+        if model_type == "apertus":
+            text, where = config, ""
+        elif model_type in apertus1p5.MODEL_TYPES:
+            text, where = apertus1p5.text_settings(config)
+        else:
+            expected = ", ".join(repr(t) for t in ("apertus", *apertus1p5.MODEL_TYPES))
+            raise ConfigError(f"config.json: model_type is {model_type!r}, expected one of {expected}")
+        if missing := [k for k in _REQUIRED if k not in text]:
+            raise ConfigError(f"config.json: missing key(s) {', '.join(where + k for k in missing)}")
+        if (act := text.get("hidden_act", "xielu")) != "xielu":
+            raise ConfigError(f"config.json: {where}hidden_act {act!r} is not supported (Apertus uses 'xielu')")
+        if text.get("post_norm", False):
+            raise ConfigError(f"config.json: {where}post_norm=true is not supported (no Apertus release uses it)")
 
-        heads = config["num_attention_heads"]
-        kv_heads = config.get("num_key_value_heads") or heads
+        heads = text["num_attention_heads"]
+        kv_heads = text.get("num_key_value_heads") or heads
         if heads % kv_heads:
             raise ConfigError(
-                f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+                f"config.json: {where}num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )
-        theta, scaling = _rope_from_config(config)
+        theta, scaling = _rope_from_config(text, where)
+        vocab = text["vocab_size"]
+        head = apertus1p5.head_rows(text, where) if model_type in apertus1p5.MODEL_TYPES else vocab
         return cls(
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_hidden_layers=config["num_hidden_layers"],
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_hidden_layers=text["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            vocab_size=config["vocab_size"],
-            rms_norm_eps=config.get("rms_norm_eps", 1e-5),
-            max_position_embeddings=config.get("max_position_embeddings", 65536),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+            vocab_size=head,
+            input_vocab_size=vocab,
+            rms_norm_eps=text.get("rms_norm_eps", 1e-5),
+            max_position_embeddings=text.get("max_position_embeddings", 65536),
+            tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
             rope_theta=theta,
             rope_scaling=scaling,
-            qk_norm=bool(config.get("qk_norm", True)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
-            attention_bias=bool(config.get("attention_bias", False)),
+            qk_norm=bool(text.get("qk_norm", True)),
+            mlp_bias=bool(text.get("mlp_bias", False)),
+            attention_bias=bool(text.get("attention_bias", False)),
+            model_type=model_type,
             extra=config,
         )
 
 
-def _rope_from_config(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def _rope_from_config(config: dict[str, Any], prefix: str = "") -> tuple[float, dict[str, Any] | None]:
     """(theta, llama3 scaling or None) from `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling`."""
     if isinstance(config.get("rope_parameters"), dict):
         params = config["rope_parameters"]
-        where = "rope_parameters"
+        where = prefix + "rope_parameters"
     else:
         params = dict(config.get("rope_scaling") or {})
         if "rope_theta" in config:
             params.setdefault("rope_theta", config["rope_theta"])
-        where = "rope_scaling"
+        where = prefix + "rope_scaling"
     if "rope_theta" not in params:
-        raise ConfigError("config.json: missing key rope_theta (or rope_parameters.rope_theta)")
+        raise ConfigError(f"config.json: missing key {prefix}rope_theta (or {prefix}rope_parameters.rope_theta)")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return float(params["rope_theta"]), None
@@ -217,7 +235,7 @@ class DecoderLayer(nn.Module):
 class ApertusModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = nn.Embedding(args.input_vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -231,13 +249,17 @@ class ApertusModel(nn.Module):
 
 
 class Model(nn.Module):
-    """Apertus causal LM: `model(ids, cache)` maps (B, L) token ids to (B, L, vocab) logits."""
+    """Apertus causal LM: `model(ids, cache)` maps (B, L) token ids to (B, L, vocab) logits.
+
+    `vocab` is `args.vocab_size`, the head's rows; ids fed in may be any below `args.input_vocab_size`.
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = ApertusModel(args)
+        decoder = ApertusModel(args)
+        self.model = apertus1p5.MultimodalModel(decoder) if args.model_type == apertus1p5.FULL else decoder
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -251,12 +273,20 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
+    @property
+    def decoder_prefix(self) -> str:
+        """Where the decoder's tensors are named: `model` (Apertus, 1.5 text) or `model.language_model`."""
+        return "model.language_model" if self.args.model_type == apertus1p5.FULL else "model"
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Every checkpoint fix-up in one place: maps a checkpoint's tensors onto our parameters."""
         out = {}
+        skip = apertus1p5.MEDIA_PREFIXES if self.args.model_type in apertus1p5.MODEL_TYPES else ()
         for name, w in weights.items():
             if name.endswith(("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
                 continue  # buffers some exporters write; recomputed from the config
+            if skip and name.startswith(skip):
+                continue  # Apertus 1.5's image and audio tokenizers: not part of the text path, left unread
             if ".act_fn." in name:
                 w = w.reshape(())  # the reference stores alpha_p/alpha_n as shape (1,), beta/eps as ()
             out[name] = w
@@ -265,7 +295,7 @@ class Model(nn.Module):
         # Checkpoints that drop the xIELU constants get the reference's defaults, as it does.
         for i, layer in enumerate(self.layers):
             for const in ("beta", "eps"):
-                out.setdefault(f"model.layers.{i}.mlp.act_fn.{const}", getattr(layer.mlp.act_fn, const))
+                out.setdefault(f"{self.decoder_prefix}.layers.{i}.mlp.act_fn.{const}", getattr(layer.mlp.act_fn, const))
         return out
 
     def make_cache(self, max_kv_size: int | None = None) -> list[Any]:

@@ -60,13 +60,15 @@ def describe_model(path: str | os.PathLike, name: str | None = None) -> ModelInf
     path = Path(path)
     config = load_config(path)
     demo = path.resolve() == DEMO_MODEL.resolve()
+    # Apertus 1.5's full model keeps the decoder's settings in text_config.
+    text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     return ModelInfo(
         name=name or _hub_name(path) or ("demo model" if demo else path.name),
         path=path,
         quantization=quantization_label(config, path),
-        context_length=int(config.get("max_position_embeddings", 65536)),
+        context_length=int(text.get("max_position_embeddings", 65536)),
         weights_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")),
-        kv_bytes_per_token=_kv_bytes_per_token(config),
+        kv_bytes_per_token=_kv_bytes_per_token(text),
         demo=demo,
     )
 

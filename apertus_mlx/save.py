@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import apertus1p5
 from .errors import ApertusError
 from .model import Model
 
@@ -39,22 +40,28 @@ def quantization_block(model: nn.Module) -> dict[str, Any] | None:
 
 
 def checkpoint_config(model: Model, config: dict[str, Any]) -> dict[str, Any]:
-    """`config` with the hyper-parameters spelled in both schemas, so mlx-lm's Apertus port reads it too."""
+    """`config` with the hyper-parameters spelled in both schemas, so mlx-lm's Apertus port reads it too.
+
+    An Apertus 1.5 config keeps its own layout (the decoder's settings under `text_config` for the full model).
+    """
     args = model.args
-    out = dict(config)
-    out.update(
-        rope_theta=args.rope_theta,
-        rope_scaling=args.rope_scaling,
-        qk_norm=args.qk_norm,
-        post_norm=False,
-        mlp_bias=args.mlp_bias,
-        attention_bias=args.attention_bias,
-        num_key_value_heads=args.num_key_value_heads,
-        head_dim=args.head_dim,
-        rms_norm_eps=args.rms_norm_eps,
-        max_position_embeddings=args.max_position_embeddings,
-        tie_word_embeddings=args.tie_word_embeddings,
-    )
+    if args.model_type in apertus1p5.MODEL_TYPES:
+        out = apertus1p5.checkpoint_config(config, args)
+    else:
+        out = dict(config)
+        out.update(
+            rope_theta=args.rope_theta,
+            rope_scaling=args.rope_scaling,
+            qk_norm=args.qk_norm,
+            post_norm=False,
+            mlp_bias=args.mlp_bias,
+            attention_bias=args.attention_bias,
+            num_key_value_heads=args.num_key_value_heads,
+            head_dim=args.head_dim,
+            rms_norm_eps=args.rms_norm_eps,
+            max_position_embeddings=args.max_position_embeddings,
+            tie_word_embeddings=args.tie_word_embeddings,
+        )
     for key in ("quantization", "quantization_config"):
         out.pop(key, None)
     if (quant := quantization_block(model)) is not None:

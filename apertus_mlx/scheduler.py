@@ -55,7 +55,9 @@ class Run:
                 think=self.session.think,
                 start_channel=turn.start_channel,
             )
-        self.recent = list(self.prompt[-20:])
+        # Ids the head cannot produce (Apertus 1.5's image and audio ids) have no logit to penalise.
+        head_rows = self.session.model.args.vocab_size
+        self.recent = [t for t in self.prompt[-20:] if t < head_rows]
         self.pending: Sampled | None = None
         self.upcoming: Sampled | None = None
         self.group: DecodeBatch | None = None

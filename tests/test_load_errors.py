@@ -113,7 +113,9 @@ def test_unknown_model_type(ckpt):
     edit_config(ckpt, model_type="llama")
     with pytest.raises(ConfigError) as e:
         apertus_mlx.load_model(ckpt)
-    assert one_line(e) == "config.json: model_type is 'llama', expected 'apertus'"
+    assert one_line(e) == (
+        "config.json: model_type is 'llama', expected one of 'apertus', 'apertus1p5_text', 'apertus1p5'"
+    )
 
 
 def test_unsupported_rope_type(ckpt):
