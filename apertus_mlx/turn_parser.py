@@ -1,8 +1,9 @@
 """Turn the tokens of one assistant turn into events: answer and reasoning text, and tool calls.
 
 Apertus marks its private reasoning with `<|inner_prefix|>`…`<|inner_suffix|>` and tool calls with
-`<|tools_prefix|>[{"name": {args}}, …]<|tools_suffix|>`. The markers are single special tokens, so
-the parser switches channel on token ids and detokenizes only the text between them.
+`<|tools_prefix|>[{"name": {args}}, …]<|tools_suffix|>`. Each marker is a single token, so the parser
+switches channel on token ids and detokenizes only the text between them. The ids are looked up by name
+in the tokenizer: special tokens in Apertus 1, plain ones (the reasoning markers, ids 32 and 33) in 1.5.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class TurnParser:
 
     def __init__(self, tokenizer: Any, start_channel: Channel = "answer"):
         ids = [tokenizer.convert_tokens_to_ids(m) for m in MARKERS]
+        ids = [-1 if i is None or i == tokenizer.unk_token_id else i for i in ids]  # a marker the tokenizer lacks
         self._inner_start, self._inner_end, self._tools_start, self._tools_end = ids
         # Special tokens other than the markers (e.g. a stray <|user_start|>) carry no text.
         self._silent = set(tokenizer.all_special_ids) | {
