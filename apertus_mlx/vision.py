@@ -255,8 +255,9 @@ def pixel_values(image: Any, settings: ImageSettings | None = None) -> np.ndarra
     if height == 0 or width == 0:
         raise ImageError("image has no pixels")
     pixels = _resize_bicubic(pixels, *target_size(height, width, settings))
-    mean = np.asarray(settings.image_mean, np.float32) / np.float32(settings.rescale_factor)
-    std = np.asarray(settings.image_std, np.float32) / np.float32(settings.rescale_factor)
+    # Rescaling folded into the normalization, in float32, as the reference does: (x - 127.5) / 127.5 by default.
+    mean = np.asarray(settings.image_mean, np.float32) * np.float32(1.0 / settings.rescale_factor)
+    std = np.asarray(settings.image_std, np.float32) * np.float32(1.0 / settings.rescale_factor)
     return (pixels.astype(np.float32) - mean) / std
 
 
