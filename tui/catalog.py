@@ -50,7 +50,8 @@ __all__ = [
     "total_ram_bytes",
 ]
 
-MODEL_TYPES = ("apertus", "apertus1p5", "apertus1p5_text")  # config.json model_type of the repos the picker shows from the cache
+# The config.json model_type of the repos the picker shows from the cache.
+MODEL_TYPES = ("apertus", "apertus1p5", "apertus1p5_text")
 
 _HF_LISTING = (
     "listing of swiss-ai's models from the Hugging Face API (2026-09-30), in a public GitHub file (stored code index)"

@@ -49,12 +49,14 @@ class MessageView(Vertical):
 
     @property
     def text(self) -> str:
-        """The answer as shown (Markdown source)."""
-        return self.query_one(".body", Markdown).source
+        """The answer as shown (Markdown source); before the message is composed, the text it was made with."""
+        body = self.query(".body")
+        return body.first(Markdown).source if body else self._text
 
     @property
     def reasoning(self) -> str:
-        return self.query_one(".reasoning-text", Markdown).source
+        body = self.query(".reasoning-text")
+        return body.first(Markdown).source if body else self._reasoning
 
     async def append(self, channel: str, text: str) -> None:
         """Add streamed text to the answer or (channel "reasoning") the deliberation."""
