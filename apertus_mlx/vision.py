@@ -12,8 +12,8 @@ Apertus 1.5 reads an image as ordinary vocabulary ids. The path, as transformers
 2. The vision tokenizer (`VisionTokenizer`), EMU3.5's encoder: 3x3 convolutions, GroupNorm (32 groups) and
    swish in residual blocks, single-head attention where the config asks, a stride-2 downsampling after each
    stage but the last (zero padding right and bottom only), then a 1x1 `quant_conv`. Each grid cell takes the
-   codebook entry with the largest dot product (not the nearest). It always runs in float32: in bfloat16
-   about 10% of the codes change.
+   codebook entry with the largest dot product (not the nearest). It always runs in float32, as the reference
+   does: codes are an argmax, and bfloat16 rounding changes a good share of them (about 10% reported).
 3. Codes read row by row, plus `image_token_offset`, are vocabulary ids that the text embedding table embeds.
    A `<|image|>` placeholder in the prompt becomes
    `<|img_start|>{rows}*{cols}<|img_token_start|>` + rows of codes joined by `<|img_end_of_row|>` (none after
@@ -248,7 +248,8 @@ def _resize_bicubic(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def pixel_values(image: Any, settings: ImageSettings | None = None) -> np.ndarray:
-    """The vision tokenizer's input for one image: (H, W, 3) float32 in [-1, 1], H and W multiples of 16."""
+    """The vision tokenizer's input for one image: (H, W, 3) float32 in [-1, 1], H and W multiples of 16
+    (`spatial_factor`); the reference processor's `pixel_values`, channels last and unpadded."""
     settings = settings or ImageSettings()
     pixels = rgb_array(open_image(image))
     height, width = pixels.shape[:2]
