@@ -274,7 +274,7 @@ def test_a_missing_model_is_a_message_in_the_app(tmp_path, monkeypatch):
 def test_a_failure_mid_answer_is_shown_and_nothing_is_lost(tmp_path, monkeypatch):
     app = make_app(tmp_path, monkeypatch, FAST)
 
-    async def failing(session, text):
+    async def failing(session, text, images=None):
         yield type("TextDelta", (), {"channel": "answer", "text": "Half an ans"})()
         raise TurnError("out of memory: [metal::malloc] cannot allocate 4 GB")
 
@@ -533,3 +533,31 @@ def test_fast_streaming_appends_without_rerendering_what_is_shown(tmp_path, monk
     assert code == [("x = 1\n" * 40).rstrip()]
     assert blocks[0] is first  # the finished paragraph was never rebuilt
     assert len(appends) < len(document) // 2 / 3  # fragments are batched while the screen catches up
+
+
+def test_an_attached_image_is_noted_and_kept_when_the_model_cannot_read_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    picture = tmp_path / "matterhorn.png"
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(picture)
+    app = make_app(tmp_path / "home", monkeypatch, FAST)
+
+    async def main():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await ready(pilot)
+            await pilot.press("f3")
+            await wait_for(pilot, lambda: app.screen.query("Input"))
+            app.screen.query_one("Input").value = str(picture)
+            await pilot.press("enter")
+            note = app.chat.query_one("#attachments")
+            await wait_for(pilot, lambda: note.display)
+            noted = str(note.render())
+            submit(app, "What mountain is this?")
+            await wait_for(pilot, lambda: views(app, "error"))
+            error = views(app, "error")[0].text
+            return noted, error, app.chat.attachments, app.chat.query_one(PromptInput).text
+
+    noted, error, attachments, prompt = run(main())
+    assert noted == "📎 matterhorn.png (sent with your next message)"
+    assert "image" in error  # the demo model (Apertus 1) reads no images, and says so in one line
+    assert attachments == [picture] and prompt == "What mountain is this?"  # nothing is lost

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_CHAT_MODEL, Settings
@@ -82,8 +83,13 @@ class Backend:
             return
         await asyncio.to_thread(self.engine.save, session, self.store.cache_path(record.id))
 
-    def stream(self, session: ChatSession, text: str | None) -> AsyncIterator[Any]:
-        """The next turn's events (see `Engine.astream`); `text=None` answers the chat as it stands."""
+    def stream(self, session: ChatSession, text: str | None, images: list[Path] | None = None) -> AsyncIterator[Any]:
+        """The next turn's events (see `Engine.astream`); `text=None` answers the chat as it stands.
+
+        `images` go with the user's message (Apertus 1.5); a model that cannot read them refuses in one line.
+        """
+        if images:
+            return self._engine().astream(session, text, images=[str(p) for p in images])
         return self._engine().astream(session, text)
 
     def _engine(self) -> Engine:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backend import Backend
@@ -30,7 +31,7 @@ class Conversation:
     def busy(self) -> bool:
         return self.session.busy
 
-    async def turn(self, text: str | None) -> AsyncIterator[Any]:
+    async def turn(self, text: str | None, images: list[Path] | None = None) -> AsyncIterator[Any]:
         """The events of the next answer (to `text`, or to the chat as it stands when None).
 
         `stop()` ends it at once: the answer kept is exactly what was handed out. The record is saved
@@ -40,7 +41,7 @@ class Conversation:
         if text is not None and not self.record.messages and self.record.title.startswith("New chat"):
             self.record.title = _title(text)
         try:
-            async with aclosing(self.backend.stream(self.session, text)) as events:
+            async with aclosing(self.backend.stream(self.session, text, images)) as events:
                 async for event in events:
                     yield event
                     if self._stop:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import suppress
+from pathlib import Path
 
 from textual import work
 from textual.app import ComposeResult
@@ -10,7 +11,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer
+from textual.widgets import Footer, Static
 
 from ..conversation import Conversation
 from ..store import ChatRecord
@@ -30,6 +31,7 @@ KEYS = [
     ("toggle_reasoning", "ctrl+t", "toggle_reasoning", "Reasoning", True),
     ("copy_answer", "ctrl+y", "copy_answer", "Copy", True),
     ("copy_code", "ctrl+k", "copy_code", "Copy code", False),
+    ("attach_image", "f3", "attach_image", "Attach image", False),
     ("export", "ctrl+x", "export", "Export", False),
     ("settings", "ctrl+s", "app.settings", "Settings", True),
     ("pick_model", "ctrl+o", "app.pick_model", "Model", True),
@@ -54,6 +56,7 @@ class ChatScreen(TurnDisplay, Screen):
         self.show_reasoning = True
         self.last_stats = None  # the last answer's `Stats`
         self.answers = 0  # answers ended (finished, stopped or failed) since the screen opened
+        self.attachments: list[Path] = []  # images for the next message
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
@@ -61,12 +64,14 @@ class ChatScreen(TurnDisplay, Screen):
             with Vertical(id="chat"):
                 yield VerticalScroll(id="messages")
                 yield ProgressPanel(id="progress")
+                yield Static("", id="attachments", markup=False)
                 yield PromptInput(id="prompt", placeholder="Loading the model…")
         yield StatusLine(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one(PromptInput).read_only = True
+        self.query_one("#attachments").display = False
         self.refresh_chats()
 
     # ---- chats ----------------------------------------------------------------------------------------
@@ -197,4 +202,14 @@ def _rename_screen(title: str):
 
 
 def _text(content) -> str:
-    return content if isinstance(content, str) else "" if content is None else str(content)
+    """A message's content as shown: text parts as they are, each image as a note of its own."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    shown = []
+    for part in content:
+        if part.get("type") == "text":
+            shown.append(part.get("text", ""))
+        elif part.get("type") == "image_url":
+            url = str((part.get("image_url") or {}).get("url", ""))
+            shown.append(f"🖼 *image: {'pasted' if url.startswith('data:') else Path(url).name}*")
+    return "\n\n".join(shown)

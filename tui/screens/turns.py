@@ -29,22 +29,46 @@ class TurnDisplay:
         if self.conversation is None or self.busy():
             return
         self.query_one(PromptInput).clear()
-        self.run_turn(event.text.strip())
+        images, self.attachments = self.attachments, []
+        self._show_attachments()
+        self.run_turn(event.text.strip(), images)
+
+    @work(group="dialog", exit_on_error=False)
+    async def action_attach_image(self) -> None:
+        """Attach an image file to the next message (Apertus 1.5 reads images); an empty answer detaches all."""
+        answer = await self.app.push_screen_wait(
+            TextPromptScreen("Attach an image to your next message (a file path; empty: detach all)")
+        )
+        if not answer:
+            self.attachments = []
+        else:
+            path = Path(answer).expanduser()
+            if not path.is_file():
+                self.notify(f"no such file: {path}", severity="error")
+                return
+            self.attachments.append(path)
+        self._show_attachments()
+
+    def _show_attachments(self) -> None:
+        note = self.query_one("#attachments")
+        note.update("  ".join(f"📎 {p.name}" for p in self.attachments) + " (sent with your next message)")
+        note.display = bool(self.attachments)
 
     @work(exclusive=True, group="turn", exit_on_error=False)
-    async def run_turn(self, text: str | None) -> None:
+    async def run_turn(self, text: str | None, images: list[Path] | None = None) -> None:
         """Stream the next answer into a new message; `text=None` answers the chat as it stands."""
         conversation = self.conversation
         log = self.query_one("#messages", VerticalScroll)
         progress = self.query_one(ProgressPanel)
-        user = MessageView("user", text) if text is not None else None
+        shown = text if not images else "\n\n".join([text or "", *(f"🖼 *image: {p.name}*" for p in images)])
+        user = MessageView("user", shown) if text is not None else None
         view = MessageView("assistant")
         await log.mount_all([v for v in (user, view) if v is not None])
         view.show_reasoning(self.show_reasoning)
         log.anchor()
         done = None
         try:
-            async for event in conversation.turn(text):
+            async for event in conversation.turn(text, images):
                 kind = type(event).__name__
                 if kind == "PrefillProgress" and event.total >= SHOW_READING_FROM and event.done < event.total:
                     label = f"Reading the prompt: {event.done:,}/{event.total:,} tokens (Esc stops)"
@@ -58,8 +82,10 @@ class TurnDisplay:
                     view.add_tool_call("(malformed)", f"{event.message}\n{event.raw}")
                 elif kind == "Done":
                     done = event
-        except Exception as e:  # the chat was saved without this turn; its text goes back in the box
+        except Exception as e:  # the chat was saved without this turn; its text and images go back
             await view.flush()
+            self.attachments = list(images or []) + self.attachments
+            self._show_attachments()
             await self._failed(e, text, [v for v in (user, view) if v is not None])
             return
         finally:
