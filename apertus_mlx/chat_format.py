@@ -13,12 +13,18 @@ The session keeps its history in one canonical, OpenAI-compatible shape and lets
 so that each earlier turn re-renders to the very tokens it was generated as and the KV cache stays valid:
 
     {"role": "system" | "user", "content": str | [{"type": "text", "text": str}, ...]}
+    {"role": "user", "content": [{"type": "text", "text": str} | {"type": "image_url", "image_url": {"url": str}}, ...]}
     {"role": "assistant", "content": str,
      "reasoning_content": str,  # only when non-empty
      "tool_calls": [{"id": str, "type": "function", "function": {"name": str, "arguments": str}}]}  # only when any
     {"role": "tool", "content": str, "tool_call_id": str}  # the id is optional
 
 A tool call's `arguments` is the JSON text exactly as the model wrote it (`ToolCall.raw_arguments`).
+
+Images (Apertus 1.5) are OpenAI's `image_url` parts of user messages, their URL a `data:` URL or a local file. The
+template is given an `<|image|>` placeholder where each image is: as a `{"type": "image"}` part (the convention of
+transformers' multimodal templates) when the template renders one, else written into the message's text. The
+session turns the rendered placeholders into the images' token ids (`vision.ImageTokenizer`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ Flavor = Literal["blocks", "openai"]
 Message = dict[str, Any]
 
 _PROBE = "apertus-mlx probes its template"  # reasoning text that only a blocks-reading template shows
+DEFAULT_IMAGE_TOKEN = "<|image|>"
 
 
 class ChatFormat:
@@ -46,6 +53,25 @@ class ChatFormat:
             for name in ("inner_prefix", "inner_suffix", "assistant_start", "assistant_end", "user_start", "user_end")
         }
         self.flavor: Flavor = self._probe()
+        token = getattr(tokenizer, "image_token", None)
+        self.image_token = token if isinstance(token, str) and token else DEFAULT_IMAGE_TOKEN
+        self._image_parts: bool | None = None  # whether the template renders {"type": "image"} parts: probed once
+
+    @property
+    def image_parts(self) -> bool:
+        """Whether the template writes an image placeholder for a `{"type": "image"}` content part (asked once);
+        otherwise images are given to it as the placeholder text inside the message's string."""
+        if self._image_parts is None:
+            probe = [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": [{"type": "text", "text": _PROBE}, {"type": "image"}]},
+            ]
+            try:
+                text = self._apply(probe, think=False, tools=None, generation_prompt=False)
+            except Exception:  # a template that reads only strings may fail on a list in any way
+                text = ""
+            self._image_parts = _PROBE + self.image_token in text
+        return self._image_parts
 
     def _probe(self) -> Flavor:
         """The flavor: "blocks" when the template shows reasoning given as blocks, else "openai".
@@ -141,8 +167,29 @@ class ChatFormat:
             if message.get("tool_call_id"):
                 out["tool_call_id"] = message["tool_call_id"]
             return out
+        content = message.get("content")
+        if role == "user" and isinstance(content, list) and any(_is_image(p) for p in content):
+            return {"role": role, "content": self._with_images(content)}
         # Text parts are joined: the published template reads only strings or its own {"parts": ...}.
-        return {"role": role, "content": _text(message.get("content"))}
+        return {"role": role, "content": _text(content)}
+
+    def _with_images(self, content: list[Any]) -> str | list[dict[str, Any]]:
+        """A user message's text and image parts as the template takes them (see the module docstring)."""
+        parts: list[dict[str, Any]] = []
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            kind = part.get("type", "text")
+            if kind == "text":
+                parts.append({"type": "text", "text": part.get("text", "")})
+            elif kind == "image_url":
+                part_url(part)
+                parts.append({"type": "image"})
+            else:
+                raise ApertusError(f"message content part of type {kind!r} is not supported; only text and images are")
+        if self.image_parts:
+            return parts
+        return "".join(p["text"] if p["type"] == "text" else self.image_token for p in parts)
 
     def _assistant(self, message: Message) -> Message:
         answer = _text(message.get("content"))
@@ -262,6 +309,29 @@ def _ends_in_open_turn(messages: list[Message]) -> bool:
     return last["role"] == "tool" or (last["role"] == "assistant" and bool(last.get("tool_calls")))
 
 
+def image_urls(messages: list[Message]) -> list[str]:
+    """The URLs of the images in the user messages of `messages`, in the order the chat shows them."""
+    urls = []
+    for message in messages:
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, list):
+            urls += [part_url(p) for p in content if _is_image(p)]
+    return urls
+
+
+def part_url(part: dict[str, Any]) -> str:
+    """The URL of an `image_url` content part; a one-line error when the part is not in OpenAI's shape."""
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else None
+    if not isinstance(url, str) or not url:
+        raise ApertusError('an image_url part needs {"image_url": {"url": "data:…" or a file path}}')
+    return url
+
+
+def _is_image(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "image_url"
+
+
 def _text(content: Any) -> str:
     """A message's text: a string as is, text parts joined."""
     if content is None:
@@ -271,7 +341,9 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         parts = [p for p in content if isinstance(p, dict)]
         if other := [p.get("type") for p in parts if p.get("type", "text") != "text"]:
-            # Images and audio (Apertus 1.5) have no input path yet: refuse them rather than drop them unseen.
+            # Images are read in user messages only (see `_with_images`), audio not at all: refused, never dropped.
+            if other[0] == "image_url":
+                raise ApertusError("an image_url content part is only read in a user message")
             raise ApertusError(f"message content part of type {other[0]!r} is not supported; only text parts are")
         return "".join(p.get("text", "") for p in parts)
     raise ApertusError(f"message content must be a string or a list of text parts, not {type(content).__name__}")

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 
+from .chat_format import image_urls
 from .errors import EngineClosedError, TurnError
 from .events import Event
 from .load import DEFAULT_MODEL, choose_model, load, load_model
@@ -130,27 +131,43 @@ class Engine:
 
     # ---- turns --------------------------------------------------------------------------------------
 
-    def stream(self, session: ChatSession, user_text: str | None = None, **overrides: Any) -> TurnStream:
+    def stream(
+        self, session: ChatSession, user_text: str | None = None, images: list[Any] | None = None, **overrides: Any
+    ) -> TurnStream:
         """Submit the next turn of `session` now; iterate its events (the same as `ChatSession.stream`'s).
 
         Bad input raises here, at once. Errors while the turn runs are raised by the iterator, with the
         chat left as it was. Closing the iterator early cancels the turn; once it is closed, or `Done`
-        has arrived, `session.messages` is final.
+        has arrived, `session.messages` is final. Images not yet encoded are encoded first, on the MLX thread.
         """
         self._check_open()
         self.wait_ready()
         events: queue.Queue[Any] = queue.Queue()
-        turn = session.new_turn(user_text, overrides, events.put)
+        message = session.user_message(user_text, images)
+        if prepare := self._image_job(session, message):
+            self.call(prepare).result()
+        turn = session.new_turn(message, overrides, events.put)
         self._post("turn", turn)
         return TurnStream(Receipt(turn, lambda: self._settle(turn)), lambda: self._get(events))
 
     async def astream(
-        self, session: ChatSession, user_text: str | None = None, **overrides: Any
+        self, session: ChatSession, user_text: str | None = None, images: list[Any] | None = None, **overrides: Any
     ) -> AsyncIterator[Event]:
         """`stream` for asyncio: the same events, awaited without blocking the event loop."""
-        async with aclosing(self._aturn(lambda sink: session.new_turn(user_text, overrides, sink))) as events:
+        message = session.user_message(user_text, images)
+        prepare = self._image_job(session, message)
+        turn = self._aturn(lambda sink: session.new_turn(message, overrides, sink), prepare)
+        async with aclosing(turn) as events:
             async for event in events:
                 yield event
+
+    @staticmethod
+    def _image_job(session: ChatSession, message: dict[str, Any] | None) -> Callable[[], None] | None:
+        """When the chat shows images: the job that encodes those it has not yet (to run on the MLX thread)."""
+        new = [message] if message is not None else []
+        if not image_urls([*session.messages, *new]):
+            return None
+        return lambda: session.prepare_images(new)
 
     async def acomplete(self, session: ChatSession, text: str, **overrides: Any) -> AsyncIterator[Event]:
         """Continue the raw prompt `text` (no chat template; the chat's history is not changed), in asyncio."""
@@ -158,12 +175,16 @@ class Engine:
             async for event in events:
                 yield event
 
-    async def _aturn(self, make_turn: Callable[[Callable[[Any], None]], Turn]) -> AsyncIterator[Event]:
+    async def _aturn(
+        self, make_turn: Callable[[Callable[[Any], None]], Turn], prepare: Callable[[], None] | None = None
+    ) -> AsyncIterator[Event]:
         self._check_open()
         loop = asyncio.get_running_loop()
         if not self._loaded.done():
             await asyncio.wrap_future(self._loaded)
         self.wait_ready()
+        if prepare is not None:
+            await asyncio.wrap_future(self.call(prepare))
         events: asyncio.Queue[Any] = asyncio.Queue()
 
         def sink(item: Any) -> None:

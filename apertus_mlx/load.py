@@ -118,6 +118,7 @@ def load_model(path_or_repo: str | os.PathLike, lazy: bool = False) -> Model:
     _check_weights(model, weights, origin)
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
+    model.checkpoint_path = path  # where images' vision tokenizer is read from (Apertus 1.5), on first use
     if not lazy:
         mx.eval(model.parameters())
     return model

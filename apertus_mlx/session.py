@@ -21,7 +21,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from .chat_format import ChatFormat
+from . import vision
+from .chat_format import ChatFormat, image_urls
 from .decode import KVQuantization
 from .errors import ApertusError
 from .sampling import SamplingOptions
@@ -75,28 +76,32 @@ class ChatSession:
         self.draft_cache: list[Any] = []
         self._cached: list[int] = []  # the tokens whose keys and values `cache` holds
         self._draft_cached: list[int] = []
+        # Code grids of the chat's images by `vision.url_key`: kept (and saved) with the KV cache, so a later
+        # turn's render does not encode an image again.
+        self._image_grids: dict[str, np.ndarray] = {}
         self.reset_cache()
 
     # ---- conversation -------------------------------------------------------------------------
 
-    def stream(self, user_text: str | None = None, **overrides: Any) -> TurnStream:
+    def stream(self, user_text: str | None = None, images: list[Any] | None = None, **overrides: Any) -> TurnStream:
         """Add `user_text` (if given) and stream the assistant's reply as events, ending with `Done`.
 
         The turn is submitted now: bad input raises here. `overrides` replace fields of `options`
         for this turn only (e.g. `temperature=0`). With `user_text=None` the model continues the
         conversation as it stands, e.g. after `add_tool_result`. Closing the iterator early cancels
-        the turn and keeps exactly the text received.
+        the turn and keeps exactly the text received. `images` (paths, bytes, PIL images, `data:` URLs;
+        Apertus 1.5) go before the text in the user message, as `image_url` parts with `data:` URLs.
         """
 
         received: deque[Any] = deque()
-        turn = self.new_turn(user_text, overrides, received.append)
+        turn = self.new_turn(user_text, overrides, received.append, images=images)
         scheduler = Scheduler(self.model)
         scheduler.submit(turn)
         return TurnStream(Receipt(turn, lambda: scheduler.settle(turn)), _stepping(received, scheduler.step))
 
-    def generate(self, user_text: str, **overrides: Any) -> str:
-        """The whole answer to `user_text` as one string."""
-        *_, done = self.stream(user_text, **overrides)
+    def generate(self, user_text: str, images: list[Any] | None = None, **overrides: Any) -> str:
+        """The whole answer to `user_text` (about `images`, if any) as one string."""
+        *_, done = self.stream(user_text, images, **overrides)
         return done.answer
 
     def cancel(self) -> None:
@@ -114,24 +119,79 @@ class ChatSession:
         self.messages.append(message)
 
     def render(self, messages: list[dict[str, Any]] | None = None) -> list[int]:
-        """Token ids of the chat, ready for the next answer, by the checkpoint's own chat template."""
-        messages = self.messages if messages is None else messages
-        return self.format.render(messages, system=self.system, think=self.think, tools=self.tools)
+        """Token ids of the chat, ready for the next answer, by the checkpoint's own chat template.
 
-    def new_turn(self, user_text: str | None, overrides: dict[str, Any], sink: Callable[[Any], None]) -> Turn:
-        """Validate and render the next turn, and mark the chat busy until the turn's history is final."""
-        options = self._turn_options(overrides)
-        new_messages: list[dict[str, Any]] = []
-        if user_text is not None:
-            if not user_text.strip():
+        Images' ids come from the model's image tokenizer; an image the chat has encoded before is not encoded again.
+        """
+        messages = self.messages if messages is None else messages
+        urls = image_urls(messages)
+        images = self.image_tokenizer() if urls else None  # a model without a vision tokenizer refuses here
+        text = self.format.render_text(messages, system=self.system, think=self.think, tools=self.tools)
+        if images is None:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return images.encode_grids(text, self._grids(urls))
+
+    def image_tokenizer(self) -> vision.ImageTokenizer:
+        """The model's `vision.ImageTokenizer` (an `ApertusError` naming the model if it cannot read images)."""
+        return vision.for_model(self.model, self.tokenizer)
+
+    def user_message(self, text: str | None, images: list[Any] | None = None) -> dict[str, Any] | None:
+        """The user message of a turn (None when there is none): `text`, after `images` as `image_url` parts."""
+        if not images:
+            if text is None:
+                return None
+            if not text.strip():
                 raise ApertusError("empty prompt: nothing to answer")
-            new_messages = [{"role": "user", "content": user_text}]
-        elif not self.messages:
+            return {"role": "user", "content": text}
+        self.image_tokenizer()  # refused before any image is read
+        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": vision.image_url(i)}} for i in images]
+        if text:
+            parts.append({"type": "text", "text": text})
+        return {"role": "user", "content": parts}
+
+    def prepare_images(self, new_messages: list[dict[str, Any]] = ()) -> None:
+        """Encode the images of the chat (plus `new_messages`) that it has not encoded yet, and forget those it no
+        longer shows. The engine runs this on its MLX thread before a turn that has images."""
+        urls = image_urls([*self.messages, *new_messages])
+        if urls:
+            self.image_tokenizer()
+        self._grids(urls, prune=True)
+
+    def _grids(self, urls: list[str], prune: bool = False) -> list[np.ndarray]:
+        keys = [vision.url_key(url) for url in urls]
+        grids = []
+        for url, key in zip(urls, keys, strict=True):
+            grid = self._image_grids.get(key) if key is not None else None
+            if grid is None:
+                grid = self.image_tokenizer().grid(vision.image_source(url))
+                if key is not None:
+                    self._image_grids[key] = grid
+            grids.append(grid)
+        if prune:
+            self._image_grids = {k: g for k, g in self._image_grids.items() if k in keys}
+        return grids
+
+    def new_turn(
+        self,
+        user_text: str | dict[str, Any] | None,
+        overrides: dict[str, Any],
+        sink: Callable[[Any], None],
+        images: list[Any] | None = None,
+    ) -> Turn:
+        """Validate and render the next turn, and mark the chat busy until the turn's history is final.
+
+        `user_text` may also be a message made by `user_message` (then `images` are in it)."""
+        options = self._turn_options(overrides)
+        message = user_text if isinstance(user_text, dict) else self.user_message(user_text, images)
+        new_messages = [message] if message is not None else []
+        if not new_messages and not self.messages:
             raise ApertusError("empty prompt: the chat has no messages yet")
         with self._lock:
             if self._turn is not None:
                 raise ApertusError("this chat already has a turn in progress; wait for its Done or close its stream")
             prompt = self.render([*self.messages, *new_messages])
+            if image_urls(self.messages) or image_urls(new_messages):
+                self.prepare_images(new_messages)  # cached by now: this only forgets images no longer shown
             self._check_context(prompt)
             self._turn = Turn(self, new_messages, options, prompt, self.format.start_channel(prompt), sink)
             return self._turn
@@ -242,6 +302,7 @@ class ChatSession:
             "tools": self.tools,
             "options": asdict(self.options),
             "cached": self._cached,
+            "images": {key: grid.tolist() for key, grid in self._image_grids.items()},
             "model": model_fingerprint(self.model),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,6 +338,8 @@ class ChatSession:
         same_model = meta["model"] == model_fingerprint(model)
         if same_model and session.max_kv_size is None and session.kv_quant is None and session.draft_model is None:
             session.cache, session._cached = cache, meta["cached"]
+        if same_model:  # codes depend on the vision tokenizer, which comes with the checkpoint
+            session._image_grids = {k: np.asarray(g, dtype=np.int64) for k, g in meta.get("images", {}).items()}
         return session
 
 
@@ -333,9 +396,10 @@ def model_fingerprint(model: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, **options: Any) -> str:
-    """One-shot: the answer to `prompt` in a fresh chat. `options` are `SamplingOptions` fields."""
-    return ChatSession(model, tokenizer, options=SamplingOptions(**options)).generate(prompt)
+def generate(model: Any, tokenizer: Any, prompt: str, images: list[Any] | None = None, **options: Any) -> str:
+    """One-shot: the answer to `prompt` (about `images`: paths, bytes or PIL images) in a fresh chat.
+    `options` are `SamplingOptions` fields."""
+    return ChatSession(model, tokenizer, options=SamplingOptions(**options)).generate(prompt, images)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

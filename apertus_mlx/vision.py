@@ -27,6 +27,8 @@ images already seen come from a small cache keyed by the image's content. Audio 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 import json
@@ -37,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -530,9 +533,18 @@ class ImageTokenizer:
             raise ImageError(
                 f"the prompt has {len(pieces) - 1} {placeholder} placeholder(s) for {len(images)} image(s)"
             )
-        grids = [self.grid(image) for image in images]
+        return self.encode_grids(text, [self.grid(image) for image in images], add_special_tokens)
+
+    def encode_grids(self, text: str, grids: Sequence[np.ndarray], add_special_tokens: bool = False) -> list[int]:
+        """`encode` with the images' code grids already computed (`grid(image)`), in the placeholders' order."""
+        if self.audio_token in text:
+            raise ApertusError(f"audio input ({self.audio_token} in the prompt) is not supported")
+        placeholder = self.markers["image_token"]
+        pieces = text.split(placeholder)
+        if len(pieces) - 1 != len(grids):
+            raise ImageError(f"the prompt has {len(pieces) - 1} {placeholder} placeholder(s) for {len(grids)} image(s)")
         expanded = pieces[0] + "".join(self.expansion(*g.shape) + p for g, p in zip(grids, pieces[1:], strict=True))
-        return self._fill(self._encode_text(expanded, add_special_tokens), grids)
+        return self._fill(self._encode_text(expanded, add_special_tokens), list(grids))
 
     def _encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -639,3 +651,91 @@ def _read_vision_weights(path: Path) -> tuple[dict[str, mx.array], dict[str, str
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---- images in chats: URLs, and the image tokenizer of a loaded model ------------------------------------------------
+
+
+def image_url(image: Any) -> str:
+    """An image (a path, encoded bytes, a PIL image, or already a `data:` / `file://` URL) as a self-contained
+    `data:` URL, as a chat keeps it: a saved chat then re-renders the same wherever the file went.
+
+    Files and bytes are kept as they are (checked to be an image); a PIL image is stored as PNG, or, in a mode PNG
+    cannot hold, as the RGB pixels the image pipeline would read from it.
+    """
+    from PIL import Image
+
+    if isinstance(image, str) and image.startswith("data:"):
+        image_source(image)  # a bad data: URL is refused now
+        return image
+    if isinstance(image, str) and image.startswith("file:"):
+        image = image_source(image)
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        try:
+            image.save(buffer, format="PNG")
+        except (OSError, ValueError, KeyError):
+            buffer = io.BytesIO()
+            Image.fromarray(rgb_array(image)).save(buffer, format="PNG")
+        data, mime = buffer.getvalue(), "image/png"
+    else:
+        open_image(image)  # the one-line errors: no such file, not an image, ...
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            data = bytes(image)
+        else:
+            data = Path(image).expanduser().read_bytes()
+        with Image.open(io.BytesIO(data)) as opened:
+            mime = Image.MIME.get(opened.format or "", "application/octet-stream")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def image_source(url: str) -> bytes | Path:
+    """What an image part's URL points to: the bytes of a base64 `data:` URL, or the local file of a `file://`
+    URL or a path. http(s) URLs are refused: nothing is fetched from the network."""
+    if url.startswith("data:"):
+        header, comma, payload = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ImageError(f"image URL {url[:40]}…: only base64 data: URLs are supported (data:image/png;base64,…)")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError(f"image URL {header},…: the base64 data is corrupt") from None
+    scheme = urlparse(url).scheme.lower()
+    if scheme in ("http", "https"):
+        raise ImageError(f"image URL {url}: http(s) URLs are not fetched; pass a data: URL or a local file")
+    if scheme == "file":
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise ImageError(f"image URL {url}: only local files (file:///path) are read")
+        return Path(unquote(parsed.path))
+    if len(scheme) > 1:  # a one-letter scheme is a Windows drive
+        raise ImageError(f"image URL {url[:60]}: unsupported scheme {scheme!r}; pass a data: URL or a local file")
+    return Path(url).expanduser()
+
+
+def url_key(url: str) -> str | None:
+    """A key for an image URL's codes: a `data:` URL by its text (it holds the image), a file by its content."""
+    if url.startswith("data:"):
+        return hashlib.sha256(b"url:" + url.encode()).hexdigest()
+    return _content_key(image_source(url))
+
+
+def for_model(model: Any, tokenizer: Any) -> ImageTokenizer:
+    """The `ImageTokenizer` of a loaded model (made on first use, kept on the model; its weights load on the
+    first image). A model that cannot read images is refused in one line naming it."""
+    cached = getattr(model, "_image_tokenizer", None)
+    if cached is not None and cached.tokenizer is tokenizer:
+        return cached
+    path = getattr(model, "checkpoint_path", None)
+    model_type = getattr(getattr(model, "args", None), "model_type", None)
+    name = f"model {Path(path).name!r}" if path is not None else "this model"
+    if model_type != "apertus1p5":
+        raise ApertusError(
+            f"{name} (model_type {model_type!r}) cannot read images: it has no vision tokenizer "
+            "(images need a full Apertus 1.5 checkpoint, model_type 'apertus1p5')"
+        )
+    if path is None:
+        raise ApertusError(f"{name} cannot read images: it was not loaded from a checkpoint directory")
+    tokenizer_ = ImageTokenizer(path, tokenizer, model.args.extra or None)
+    model._image_tokenizer = tokenizer_
+    return tokenizer_

@@ -1,0 +1,200 @@
+"""Images through the chat path of Apertus 1.5: sessions, the engine, `generate`, saved chats.
+
+The checkpoint is test_vision.py's tiny full `Apertus1p5ForConditionalGeneration` (its vision tokenizer shrinks each
+side 16x), with templates/apertus1p5_rules.jinja as its chat template. Expected prompt ids come from transformers'
+`Apertus1p5Processor` (placeholder expansion) and the reference model's own image tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import Apertus1p5Processor, GenerationConfig
+from transformers.feature_extraction_utils import FeatureExtractionMixin
+
+import apertus_mlx
+from apertus_mlx import ApertusError, ChatSession, Done, Engine, SamplingOptions
+from apertus_mlx.vision import ImageError, ImageTokenizer
+
+from test_vision import SIZE, ReferenceImageProcessor, make_reference, picture, png_bytes, save_tokenizer
+
+TEMPLATE = (Path(__file__).resolve().parent / "templates" / "apertus1p5_rules.jinja").read_text()
+
+
+def save_chat_checkpoint(path: Path):
+    """test_vision's reference, with a chat template and an end-of-turn eos: (reference, path, processor)."""
+    ref = make_reference(seed=3)
+    ref.save_pretrained(path)
+    tokenizer = save_tokenizer(path)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(path)
+    GenerationConfig(bos_token_id=1, eos_token_id=[2]).save_pretrained(path)
+    (path / "processor_config.json").write_text(json.dumps({"image_processor": {"size": SIZE, "spatial_factor": 16}}))
+    processor = Apertus1p5Processor(
+        image_processor=ReferenceImageProcessor(size=SIZE),
+        feature_extractor=FeatureExtractionMixin(),
+        tokenizer=tokenizer,
+        chat_template=TEMPLATE,
+    )
+    return ref, path, processor
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_chat_checkpoint(tmp_path_factory.mktemp("vision-chat") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    _, path, _ = checkpoint
+    return apertus_mlx.load(path)
+
+
+class Counting:
+    """Counts the vision tokenizer's runs (wraps `ImageTokenizer.model`)."""
+
+    def __init__(self, images: ImageTokenizer):
+        self.images, self.model, self.calls = images, images.model, 0
+        images._model = self
+
+    def __call__(self, pixels):
+        self.calls += 1
+        return self.model(pixels)
+
+    def restore(self):
+        self.images._model = self.model
+
+
+def reference_prompt(ref, processor, text: str, images: list[Image.Image]) -> list[int]:
+    """The processor's expansion of `text` with the reference model's own image tokens in the placeholders."""
+    inputs = processor(text=text, images=images or None, return_tensors="pt")
+    ids = inputs["input_ids"][0].clone()
+    if images:
+        with torch.no_grad():
+            visual = ref.model.get_image_tokens(inputs["pixel_values"], inputs["image_sizes"])
+        ids[ids == ref.config.image_token_id] = torch.cat(visual)
+    return ids.tolist()
+
+
+def test_a_chat_turn_with_images_then_one_without(checkpoint, loaded, tmp_path):
+    ref, _, processor = checkpoint
+    model, tokenizer = loaded
+    first, second = picture(37, 53, seed=1), picture(120, 90, seed=2)
+    file = tmp_path / "first.png"
+    file.write_bytes(png_bytes(first))
+    session = ChatSession(model, tokenizer, options=SamplingOptions(max_tokens=4, temperature=0))
+    counter = Counting(session.image_tokenizer())
+    try:
+        events = list(session.stream("What is in these?", images=[file, second]))
+        assert counter.calls == 2
+        done = events[-1]
+        assert isinstance(done, Done) and done.stats.generated_tokens > 0
+
+        # The history holds OpenAI-style parts with self-contained data: URLs, images before the text.
+        user = session.messages[0]
+        assert [p["type"] for p in user["content"]] == ["image_url", "image_url", "text"]
+        url = user["content"][0]["image_url"]["url"]
+        assert url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",")[1]) == file.read_bytes()
+
+        # The template is the reference processor's: its rendering of transformers' image parts, then its expansion.
+        text = session.format.render_text(session.messages[:1], system=session.system)
+        parts = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What is in these?"}]
+        conversation = [{"role": "user", "content": parts}]
+        expected_text = processor.apply_chat_template(
+            [{"role": "system", "content": session.system}, *conversation], add_generation_prompt=True, tokenize=False
+        )
+        assert text == expected_text
+        prompt = reference_prompt(ref, processor, text, [first, second])
+        assert session.render(session.messages[:1]) == prompt
+        assert done.stats.prompt_tokens == len(prompt)
+
+        # Turn 2: no image encoded again (the chat keeps its images' codes), and only the new tokens are read.
+        session.image_tokenizer()._cache.clear()
+        *_, done2 = session.stream("And now?")
+        assert counter.calls == 2
+        assert done2.stats.prefilled_tokens < done2.stats.prompt_tokens - len(prompt) + 4
+        full = session.render()
+        assert full[: len(prompt)] == prompt
+
+        # Saved and restored: the same prompt, and still no encoding.
+        saved = session.save(tmp_path / "chat.safetensors")
+        restored = ChatSession.restore(saved, model, tokenizer)
+        session.image_tokenizer()._cache.clear()
+        assert restored.render() == full
+        assert restored.cached_tokens == session.cached_tokens
+        assert counter.calls == 2
+    finally:
+        counter.restore()
+
+
+def test_generate_with_images_matches_a_chat(loaded):
+    model, tokenizer = loaded
+    image = picture(40, 40, seed=5)
+    answer = apertus_mlx.generate(model, tokenizer, "Describe it.", images=[image], max_tokens=5, temperature=0)
+    session = ChatSession(model, tokenizer, options=SamplingOptions(max_tokens=5, temperature=0))
+    assert answer == session.generate("Describe it.", images=[png_bytes(image)])
+    assert isinstance(answer, str)
+
+
+def test_engine_streams_images_sync_and_async(checkpoint, tmp_path):
+    import asyncio
+
+    _, path, _ = checkpoint
+    image = tmp_path / "picture.png"
+    image.write_bytes(png_bytes(picture(33, 47, seed=6)))
+    engine = Engine(str(path)).wait_ready()
+    try:
+        options = SamplingOptions(max_tokens=4, temperature=0)
+        a, b = engine.session(options=options), engine.session(options=options)
+        *_, done = engine.stream(a, "What is it?", images=[image])
+
+        async def run():
+            return [event async for event in engine.astream(b, "What is it?", images=[str(image)])]
+
+        events = asyncio.run(run())
+        assert events[-1].tokens == done.tokens and events[-1].stats.prompt_tokens == done.stats.prompt_tokens
+        assert a.messages == b.messages
+        with pytest.raises(ImageError, match=r"no such file"):
+            engine.stream(a, "And this?", images=[tmp_path / "missing.png"])
+        assert len(a.messages) == 2  # refused before the turn: the chat is as it was
+    finally:
+        engine.close()
+
+
+def test_refusals_are_one_line(checkpoint, loaded, tmp_path):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer)
+    with pytest.raises(ImageError, match=r"http\(s\) URLs are not fetched"):
+        session.render([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}])
+    with pytest.raises(ApertusError, match=r"only read in a user message"):
+        session.render([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}])
+    with pytest.raises(ImageError, match=r"not an image file"):
+        session.stream("What?", images=[b"not a picture"])
+    assert session.messages == []
+
+    # A text-only 1.5 checkpoint has no vision tokenizer: refused in one line naming it.
+    _, path, _ = checkpoint
+    text_only = tmp_path / "text-only"
+    text_only.mkdir()
+    config = json.loads((path / "config.json").read_text())
+    text = {**config["text_config"], "model_type": "apertus1p5_text"}
+    (text_only / "config.json").write_text(json.dumps(text))
+    import mlx.core as mx
+
+    weights = mx.load(str(path / "model.safetensors"))
+    renamed = {k.replace("model.language_model.", "model."): v for k, v in weights.items() if "_tokenizer." not in k}
+    mx.save_safetensors(str(text_only / "model.safetensors"), renamed)
+    other = apertus_mlx.load_model(text_only)
+    session = ChatSession(other, tokenizer)
+    with pytest.raises(ApertusError) as e:
+        session.stream("What?", images=[picture(32, 32, seed=0)])
+    assert str(e.value) == (
+        "model 'text-only' (model_type 'apertus1p5_text') cannot read images: it has no vision tokenizer "
+        "(images need a full Apertus 1.5 checkpoint, model_type 'apertus1p5')"
+    )
+    assert session.messages == []
