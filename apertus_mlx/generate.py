@@ -17,6 +17,7 @@ from .errors import ApertusError
 from .events import Done, Event, TextDelta, ToolCall, ToolCallError
 from .load import DEFAULT_MODEL
 from .session import SamplingOptions, check_cache_settings
+from .vision import image_url
 
 STOP_WAIT_S = 2.0  # how long an interrupted CLI waits for the MLX thread before it exits without it
 
@@ -30,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help=f"model directory or Hugging Face repo id (default: $APERTUS_MODEL, then {DEFAULT_MODEL})"
     )
     p.add_argument("--prompt", "-p", required=True, help="the user message; '-' reads it from stdin")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image the message is about (repeatable; Apertus 1.5 checkpoints with a vision tokenizer)",
+    )
     p.add_argument("--system-prompt", help="system message (default: the chat template's own)")
     p.add_argument("--max-tokens", "-m", type=int, default=1024, help="most tokens to generate (default 1024)")
     p.add_argument("--temp", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
@@ -67,6 +75,7 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin) -> int:
         )
         if not prompt.strip():
             raise ApertusError("empty prompt: pass --prompt TEXT (or --prompt - with text on stdin)")
+        images = [image_url(path) for path in args.image]  # a bad path is refused before the model loads
         # Refused before the model loads, which takes seconds.
         check_cache_settings(bool(args.draft_model), args.num_draft_tokens, args.kv_bits, args.max_kv_size)
         engine = Engine(args.model, draft_model=args.draft_model)
@@ -84,7 +93,9 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin) -> int:
             kv_group_size=args.kv_group_size,
             max_kv_size=args.max_kv_size,
         )
-        with closing(engine.stream(session, prompt)) as events:  # closing the stream cancels the turn
+        with closing(
+            engine.stream(session, prompt, images=images or None)
+        ) as events:  # closing the stream cancels the turn
             status = _print_turn(events, args.think)
     except ApertusError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,31 @@ def test_refusals_are_one_line(checkpoint, loaded, tmp_path):
         "(images need a full Apertus 1.5 checkpoint, model_type 'apertus1p5')"
     )
     assert session.messages == []
+
+
+def test_the_cli_reads_images(checkpoint, loaded, tmp_path):
+    import subprocess
+    import sys
+
+    _, path, _ = checkpoint
+    model, tokenizer = loaded
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    first.write_bytes(png_bytes(picture(37, 53, seed=8)))
+    second.write_bytes(png_bytes(picture(64, 48, seed=9)))
+
+    def cli(*args):
+        command = [sys.executable, "-m", "apertus_mlx.generate", "--model", str(path), *args]
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
+
+    result = cli("--prompt", "What is it?", "--image", str(first), "--image", str(second), "--temp", "0", "-m", "4")
+    assert result.returncode == 0, result.stderr
+    expected = apertus_mlx.generate(
+        model, tokenizer, "What is it?", images=[first, second], max_tokens=4, temperature=0
+    )
+    assert result.stdout == expected + "\n"
+
+    missing = tmp_path / "missing.png"
+    result = cli("--prompt", "What is it?", "--image", str(missing))
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"error: image {missing}: no such file\n")
