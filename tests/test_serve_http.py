@@ -19,6 +19,9 @@ from apertus_mlx.serve.requests import Limits
 from http_server import RunningServer
 
 KEY = "test-key"
+PNG = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +186,20 @@ BAD = [
     ("unknown model", {"model": "gpt-5", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
     ("unknown field", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {}}, 400, "logit_bias"),
     (
-        "image content",
+        "image for a model without a vision tokenizer",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG}}]}]},
+        400,
+        "messages[0].content[0]",
+    ),
+    (
+        "image without a url",
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        400,
+        "messages[0].content[0].image_url.url",
+    ),
+    (
+        "audio content",
+        {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
         400,
         "messages[0].content[0].type",
     ),

@@ -227,3 +227,77 @@ def test_the_cli_reads_images(checkpoint, loaded, tmp_path):
     missing = tmp_path / "missing.png"
     result = cli("--prompt", "What is it?", "--image", str(missing))
     assert (result.returncode, result.stdout, result.stderr) == (1, "", f"error: image {missing}: no such file\n")
+
+
+def test_the_server_reads_image_url_parts(checkpoint, loaded, tmp_path):
+    import httpx
+    import openai
+
+    from apertus_mlx.serve.http import ServerConfig
+
+    from http_server import RunningServer
+
+    _, path, _ = checkpoint
+    image = png_bytes(picture(45, 70, seed=10))
+    file = tmp_path / "picture.png"
+    file.write_bytes(image)
+    data_url = "data:image/png;base64," + base64.b64encode(image).decode()
+    server = RunningServer(Engine(str(path)).wait_ready(), ServerConfig())
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        parts = [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": data_url}}]
+        messages = [{"role": "user", "content": parts}]
+        answer = client.chat.completions.create(model="ckpt", messages=messages, max_tokens=4, temperature=0)
+        # The Python API with the same message: the same answer.
+        assert answer.choices[0].message.content == _answer(*loaded, messages)
+        assert answer.usage.prompt_tokens > 20
+
+        # The conversation resent, streamed: the image's tokens come from the cache.
+        follow = [*messages, {"role": "assistant", "content": answer.choices[0].message.content}]
+        follow.append({"role": "user", "content": "And?"})
+        stream = client.chat.completions.create(
+            model="ckpt",
+            messages=follow,
+            max_tokens=3,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        usage = list(stream)[-1].usage
+        assert usage.prompt_tokens_details.cached_tokens >= answer.usage.prompt_tokens - 1
+
+        # The same image as a local file: the same answer.
+        for url in (f"file://{file}", str(file)):
+            by_file = [{"role": "user", "content": [parts[0], {"type": "image_url", "image_url": {"url": url}}]}]
+            again = client.chat.completions.create(model="ckpt", messages=by_file, max_tokens=4, temperature=0)
+            assert again.choices[0].message.content == answer.choices[0].message.content
+
+        def post(content):
+            body = {"messages": [{"role": "user", "content": content}]}
+            return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+
+        refusals = [
+            ("https://example.com/a.png", "http(s) URLs are not fetched"),
+            ("relative/a.png", "expected a data: URL (base64), a file:// URL or an absolute file path"),
+            (str(tmp_path / "missing.png"), "no such file"),
+            ("data:image/png;base64,bm90IGFuIGltYWdl", "not an image (12 bytes of an unknown format)"),
+            ("data:image/png;base64,@@@", "the base64 data is corrupt"),
+            ("data:text/plain,hello", "only base64 data: URLs are supported"),
+        ]
+        for url, message in refusals:
+            r = post([{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": url}}])
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == "messages[0].content[1].image_url.url", error
+            assert message in error["message"] and "\n" not in error["message"]
+        r = post([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}])
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0].type"
+    finally:
+        server.stop()
+
+
+def _answer(model, tokenizer, messages) -> str:
+    """What the Python API answers to `messages` (the server continues a chat that holds them)."""
+    session = ChatSession(model, tokenizer, options=SamplingOptions(max_tokens=4, temperature=0))
+    session.messages = list(messages)
+    *_, done = session.stream()
+    return done.answer

@@ -6,9 +6,13 @@ content types are refused, never ignored.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from apertus_mlx.vision import ImageError, image_source
 
 from .errors import RequestError, bad
 
@@ -41,6 +45,7 @@ class ChatRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    images: list[str] = field(default_factory=list)  # where each image part is (`messages[i].content[j]`)
 
 
 @dataclass
@@ -106,7 +111,7 @@ _COMPLETION_FIELDS = {
 def parse_chat(body: Any, limits: Limits) -> ChatRequest:
     body = _object(body, "body")
     _known(body, _CHAT_FIELDS)
-    system, messages = _messages(body.get("messages"))
+    system, messages, images = _messages(body.get("messages"))
     tools = _tools(body.get("tools"))
     choice = body.get("tool_choice", "auto")
     if choice == "none":
@@ -139,6 +144,7 @@ def parse_chat(body: Any, limits: Limits) -> ChatRequest:
         include_usage=usage,
         logprobs=logprobs,
         top_logprobs=top,
+        images=images,
     )
 
 
@@ -164,10 +170,10 @@ def parse_completion(body: Any, limits: Limits) -> CompletionRequest:
 # ---- pieces ---------------------------------------------------------------------------------------------
 
 
-def _messages(value: Any) -> tuple[str | None, list[dict[str, Any]]]:
+def _messages(value: Any) -> tuple[str | None, list[dict[str, Any]], list[str]]:
     if not isinstance(value, list) or not value:
         raise bad("messages", "expected a non-empty list of messages")
-    system, out = None, []
+    system, out, images = None, [], []
     for i, message in enumerate(value):
         where = f"messages[{i}]"
         message = _object(message, where)
@@ -177,7 +183,9 @@ def _messages(value: Any) -> tuple[str | None, list[dict[str, Any]]]:
         unknown = set(message) - {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
         if unknown:
             raise bad(f"{where}.{sorted(unknown)[0]}", "unknown field")
-        content = _content(message.get("content"), f"{where}.content", optional=role == "assistant")
+        content = _content(
+            message.get("content"), f"{where}.content", role == "assistant", images if role == "user" else None
+        )
         if role in ("system", "developer"):
             if out or system is not None:
                 raise bad(f"{where}.role", "a system message must come first, and only once")
@@ -198,23 +206,76 @@ def _messages(value: Any) -> tuple[str | None, list[dict[str, Any]]]:
         raise bad("messages", "there is no user message to answer")
     if out[-1]["role"] not in ("user", "tool"):
         raise bad(f"messages[{len(value) - 1}].role", "the last message must be from the user or a tool")
-    return system, out
+    return system, out, images
 
 
-def _content(value: Any, where: str, optional: bool = False) -> str:
+def _content(value: Any, where: str, optional: bool = False, images: list[str] | None = None) -> Any:
+    """A message's content: a string (text parts joined), or, when a user message has images, its text and
+    `image_url` parts in order (their places appended to `images`). Images elsewhere are refused."""
     if value is None and optional:
         return ""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        parts = []
+        parts: list[dict[str, Any]] = []
         for j, part in enumerate(value):
-            part = _object(part, f"{where}[{j}]")
-            if part.get("type") != "text":
-                raise bad(f"{where}[{j}].type", f"{json.dumps(part.get('type'))} is not supported; only text parts are")
-            parts.append(_type(part, "text", str, "", f"{where}[{j}]"))
-        return "".join(parts)
-    raise bad(where, "expected a string or a list of text parts")
+            at = f"{where}[{j}]"
+            part = _object(part, at)
+            kind = part.get("type")
+            if kind == "text":
+                parts.append({"type": "text", "text": _type(part, "text", str, "", at)})
+            elif kind == "image_url":
+                if images is None:
+                    raise bad(f"{at}.type", "images are only read in user messages")
+                parts.append(_image_part(part, at))
+                images.append(at)
+            else:
+                raise bad(f"{at}.type", f"{json.dumps(kind)} is not supported; only text and image_url parts are")
+        if all(p["type"] == "text" for p in parts):
+            return "".join(p["text"] for p in parts)
+        return parts
+    raise bad(where, "expected a string or a list of content parts")
+
+
+def _image_part(part: dict[str, Any], where: str) -> dict[str, Any]:
+    """An `image_url` part whose URL is a base64 `data:` URL or a local file (`file://` or an absolute path).
+
+    Nothing is fetched: a local server reads no URL on a client's behalf. The image itself is decoded when the
+    turn starts; here only its header is checked, so a body that is not an image is refused naming its part."""
+    _known(part, {"type", "image_url"}, f"{where}.")
+    spec = _object(part.get("image_url"), f"{where}.image_url")
+    _known(spec, {"url", "detail"}, f"{where}.image_url.")
+    url = _type(spec, "url", str, None, f"{where}.image_url")
+    if spec.get("detail", "auto") not in ("auto", "high"):
+        raise bad(f"{where}.image_url.detail", f"{json.dumps(spec['detail'])} is not supported (images are read whole)")
+    at = f"{where}.image_url.url"
+    if not url.startswith(("data:", "file:")) and "://" not in url and not Path(url).is_absolute():
+        raise bad(at, "expected a data: URL (base64), a file:// URL or an absolute file path")
+    try:
+        source = image_source(url)
+    except ImageError as e:
+        raise bad(at, str(e)) from None
+    if isinstance(source, Path):
+        if not source.is_absolute():
+            raise bad(at, "expected an absolute file path")
+        if not source.is_file():
+            raise bad(at, f"no such file: {source}")
+        try:
+            source = source.read_bytes()
+        except OSError as e:
+            raise bad(at, f"cannot read {source} ({e.strerror})") from None
+    _check_image_header(source, at)
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _check_image_header(data: bytes, where: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)):
+            pass
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise bad(where, f"not an image ({len(data)} bytes of an unknown format)") from None
 
 
 def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:

@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from apertus_mlx import Engine
+from apertus_mlx import ApertusError, Engine
+from apertus_mlx.vision import for_model
 
+from .errors import RequestError, first_line
 from .pool import Lease, SessionPool
 from .requests import ChatRequest, CompletionRequest
 from .responses import ChatStream, CompletionStream, LogprobText, start_turn
@@ -37,6 +39,11 @@ class LeasedTurn:
 
 def chat_turn(engine: Engine, pool: SessionPool, req: ChatRequest, **stream: Any) -> LeasedTurn:
     """`stream`: `ChatStream`'s keyword arguments (`finish`, `on_chunk`)."""
+    if req.images:  # a model that cannot read images refuses them before a chat is leased
+        try:
+            for_model(engine.model, engine.tokenizer)
+        except ApertusError as e:
+            raise RequestError(f"{req.images[0]}: {first_line(e)}", param=req.images[0]) from None
     lease = pool.lease(req.messages, req.system, req.tools, req.think)
     text = LogprobText(engine.tokenizer) if req.logprobs else None
     name = engine.info.name
