@@ -141,6 +141,13 @@ def test_generate_with_images_matches_a_chat(loaded):
     assert answer == session.generate("Describe it.", images=[png_bytes(image)])
     assert isinstance(answer, str)
 
+    # With deliberation on, only the developer block differs: the image's ids are the same.
+    thinking = ChatSession(model, tokenizer, think=True)
+    plain, deliberate = session.render(session.messages[:1]), thinking.render(session.messages[:1])
+    assert "Deliberation: enabled" in tokenizer.decode(deliberate)
+    visual = [i for i in plain if i >= 384]
+    assert visual and visual == [i for i in deliberate if i >= 384]
+
 
 def test_engine_streams_images_sync_and_async(checkpoint, tmp_path):
     import asyncio
