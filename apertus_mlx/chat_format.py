@@ -117,7 +117,10 @@ class ChatFormat:
         `messages` are in the canonical shape (see the module docstring); `system`, when not None, is the
         system text (else the template's default). A generation prompt is asked for only when the chat
         does not end inside an open assistant turn: after a tool result the model continues the turn.
+        Images are not tokenized here: `ChatSession.render` fills their placeholders from the image tokenizer.
         """
+        if image_urls(messages):
+            raise ApertusError("a chat with images is rendered by ChatSession.render (its image tokenizer)")
         return self.tokenizer.encode(
             self.render_text(messages, system=system, think=think, tools=tools), add_special_tokens=False
         )

@@ -668,8 +668,8 @@ def image_url(image: Any) -> str:
     if isinstance(image, str) and image.startswith("data:"):
         image_source(image)  # a bad data: URL is refused now
         return image
-    if isinstance(image, str) and image.startswith("file:"):
-        image = image_source(image)
+    if isinstance(image, str) and (image.startswith("file:") or "://" in image):
+        image = image_source(image)  # a local file, or the refusal of a URL that would need fetching
     if isinstance(image, Image.Image):
         buffer = io.BytesIO()
         try:

@@ -20,6 +20,7 @@ from transformers.feature_extraction_utils import FeatureExtractionMixin
 
 import apertus_mlx
 from apertus_mlx import ApertusError, ChatSession, Done, Engine, SamplingOptions
+from apertus_mlx.load import DEMO_MODEL
 from apertus_mlx.vision import ImageError, ImageTokenizer
 
 from test_vision import SIZE, ReferenceImageProcessor, make_reference, picture, png_bytes, save_tokenizer
@@ -174,6 +175,21 @@ def test_engine_streams_images_sync_and_async(checkpoint, tmp_path):
         engine.close()
 
 
+def test_a_template_that_reads_only_strings_gets_the_placeholder_in_the_text(checkpoint, loaded):
+    _, path, _ = checkpoint
+    model, tokenizer = loaded
+    strings_only = apertus_mlx.load_tokenizer(path)
+    strings_only._tokenizer.chat_template = TEMPLATE.replace("content is iterable", "false")
+    image = picture(40, 56, seed=12)
+    parts = ChatSession(model, tokenizer)
+    inline = ChatSession(model, strings_only)
+    message = parts.user_message("What is it?", [image])
+    assert parts.format.image_parts and not inline.format.image_parts
+    assert inline.render([message]) == parts.render([message])
+    with pytest.raises(ApertusError, match=r"rendered by ChatSession.render"):
+        parts.format.render([message])
+
+
 def test_refusals_are_one_line(checkpoint, loaded, tmp_path):
     model, tokenizer = loaded
     session = ChatSession(model, tokenizer)
@@ -234,6 +250,14 @@ def test_the_cli_reads_images(checkpoint, loaded, tmp_path):
     missing = tmp_path / "missing.png"
     result = cli("--prompt", "What is it?", "--image", str(missing))
     assert (result.returncode, result.stdout, result.stderr) == (1, "", f"error: image {missing}: no such file\n")
+
+    # Apertus 1 (the demo model) has no vision tokenizer: one line naming it.
+    result = cli("--prompt", "What is it?", "--image", str(first), "--model", str(DEMO_MODEL))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (
+        f"error: model {DEMO_MODEL.name!r} (model_type 'apertus') cannot read images: it has no vision tokenizer "
+        "(images need a full Apertus 1.5 checkpoint, model_type 'apertus1p5')\n"
+    )
 
 
 def test_the_server_reads_image_url_parts(checkpoint, loaded, tmp_path):
