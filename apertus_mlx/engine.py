@@ -165,7 +165,7 @@ class Engine:
     def _image_job(session: ChatSession, message: dict[str, Any] | None) -> Callable[[], None] | None:
         """When the chat shows images: the job that encodes those it has not yet (to run on the MLX thread)."""
         new = [message] if message is not None else []
-        if not image_urls([*session.messages, *new]):
+        if not image_urls([*session.messages, *new]) or session.encoded_images(new):
             return None
         return lambda: session.prepare_images(new)
 

@@ -155,7 +155,11 @@ class ChatSession:
         urls = image_urls([*self.messages, *new_messages])
         if urls:
             self.image_tokenizer()
-        self._grids(urls, prune=True)
+        self._grids(urls, prune=not self.busy)  # a turn in progress may use an image not in `messages` yet
+
+    def encoded_images(self, new_messages: list[dict[str, Any]] = ()) -> bool:
+        """Whether every image of the chat (plus `new_messages`) has its codes already (so no MLX work is due)."""
+        return all(vision.url_key(url) in self._image_grids for url in image_urls([*self.messages, *new_messages]))
 
     def _grids(self, urls: list[str], prune: bool = False) -> list[np.ndarray]:
         keys = [vision.url_key(url) for url in urls]
@@ -190,8 +194,8 @@ class ChatSession:
             if self._turn is not None:
                 raise ApertusError("this chat already has a turn in progress; wait for its Done or close its stream")
             prompt = self.render([*self.messages, *new_messages])
-            if image_urls(self.messages) or image_urls(new_messages):
-                self.prepare_images(new_messages)  # cached by now: this only forgets images no longer shown
+            if self._image_grids:  # all encoded by now: only forget the images the chat no longer shows
+                self._grids(image_urls([*self.messages, *new_messages]), prune=True)
             self._check_context(prompt)
             self._turn = Turn(self, new_messages, options, prompt, self.format.start_channel(prompt), sink)
             return self._turn

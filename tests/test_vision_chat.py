@@ -150,12 +150,21 @@ def test_generate_with_images_matches_a_chat(loaded):
     assert visual and visual == [i for i in deliberate if i >= 384]
 
 
-def test_engine_streams_images_sync_and_async(checkpoint, tmp_path):
+def test_engine_streams_images_sync_and_async(checkpoint, tmp_path, monkeypatch):
     import asyncio
+    import threading
 
     _, path, _ = checkpoint
     image = tmp_path / "picture.png"
     image.write_bytes(png_bytes(picture(33, 47, seed=6)))
+    threads = []
+    codes = ImageTokenizer.codes
+
+    def recording(self, source):
+        threads.append(threading.current_thread().name)
+        return codes(self, source)
+
+    monkeypatch.setattr(ImageTokenizer, "codes", recording)
     engine = Engine(str(path)).wait_ready()
     try:
         options = SamplingOptions(max_tokens=4, temperature=0)
@@ -168,9 +177,12 @@ def test_engine_streams_images_sync_and_async(checkpoint, tmp_path):
         events = asyncio.run(run())
         assert events[-1].tokens == done.tokens and events[-1].stats.prompt_tokens == done.stats.prompt_tokens
         assert a.messages == b.messages
+        assert threads == ["apertus-mlx"]  # encoded once, on the engine's MLX thread
+        *_, done = engine.stream(a, "And now?")  # nothing left to encode: no job for the engine thread
+        assert threads == ["apertus-mlx"] and done.stats.prefilled_tokens < done.stats.prompt_tokens / 2
         with pytest.raises(ImageError, match=r"no such file"):
             engine.stream(a, "And this?", images=[tmp_path / "missing.png"])
-        assert len(a.messages) == 2  # refused before the turn: the chat is as it was
+        assert len(a.messages) == 4  # refused before the turn: the chat is as it was
     finally:
         engine.close()
 
