@@ -168,7 +168,7 @@ def test_a_client_that_disconnects_stops_its_generation(server, client):
         assert time.monotonic() < deadline, "the generation went on after the client left"
         time.sleep(0.1)
     answer = client.chat.completions.create(
-        model="demo model", messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+        model="demo model", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
     )
     assert answer.usage.completion_tokens == 3  # the server goes on
 
@@ -216,7 +216,9 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client, w
     error = r.json()["error"]
     assert (error["param"] == param and error["message"].startswith(param)) or status == 404
     assert set(error) == {"message", "type", "param", "code"}
-    ok = client.chat.completions.create(model="demo model", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    ok = client.chat.completions.create(
+        model="demo model", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0
+    )
     assert ok.usage.completion_tokens == 2
 
 
@@ -290,5 +292,7 @@ def test_an_unforeseen_failure_is_a_500_and_frees_its_slot(server, client, monke
         client.chat.completions.create(model="demo model", messages=[{"role": "user", "content": "x"}])
     monkeypatch.undo()
     assert httpx.get(f"{server.url}/health").json()["active_requests"] == 0
-    ok = client.chat.completions.create(model="demo model", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    ok = client.chat.completions.create(
+        model="demo model", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0
+    )
     assert ok.usage.completion_tokens == 2
