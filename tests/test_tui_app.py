@@ -559,5 +559,28 @@ def test_an_attached_image_is_noted_and_kept_when_the_model_cannot_read_it(tmp_p
 
     noted, error, attachments, prompt = run(main())
     assert noted == "📎 matterhorn.png (sent with your next message)"
-    assert "image" in error  # the demo model (Apertus 1) reads no images, and says so in one line
+    assert "cannot read images" in error  # the demo model (Apertus 1) has no vision tokenizer, and says so
     assert attachments == [picture] and prompt == "What mountain is this?"  # nothing is lost
+
+
+def test_an_attached_image_goes_to_an_apertus_1p5_model_with_the_message(tmp_path, monkeypatch):
+    from test_vision_chat import picture, save_chat_checkpoint
+
+    _, checkpoint, _ = save_chat_checkpoint(tmp_path / "ckpt")
+    image = tmp_path / "bern.png"
+    picture(40, 40, seed=5).save(image)
+    app = make_app(tmp_path / "home", monkeypatch, FAST, model=str(checkpoint))
+
+    async def main():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await ready(pilot)
+            app.chat.attachments = [image]
+            await send(pilot, "Where is this?")
+            return [v.text for v in views(app, "user")], app.chat.conversation.record.messages, app.chat.last_stats
+
+    shown, messages, stats = run(main())
+    assert shown == ["Where is this?\n\n🖼 *image: bern.png*"]
+    parts = messages[0]["content"]
+    assert [p["type"] for p in parts] == ["image_url", "text"] and parts[1]["text"] == "Where is this?"
+    assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert messages[1]["role"] == "assistant" and stats.prompt_tokens > 20  # the image's codes were read

@@ -211,5 +211,5 @@ def _text(content) -> str:
             shown.append(part.get("text", ""))
         elif part.get("type") == "image_url":
             url = str((part.get("image_url") or {}).get("url", ""))
-            shown.append(f"🖼 *image: {'pasted' if url.startswith('data:') else Path(url).name}*")
+            shown.append(f"🖼 *image: {'attached' if url.startswith('data:') else Path(url).name}*")
     return "\n\n".join(shown)
