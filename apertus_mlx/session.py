@@ -23,6 +23,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from . import vision
 from .chat_format import ChatFormat, image_urls
+from .chat_images import ChatImages
 from .decode import KVQuantization
 from .errors import ApertusError
 from .sampling import SamplingOptions
@@ -76,9 +77,7 @@ class ChatSession:
         self.draft_cache: list[Any] = []
         self._cached: list[int] = []  # the tokens whose keys and values `cache` holds
         self._draft_cached: list[int] = []
-        # Code grids of the chat's images by `vision.url_key`: kept (and saved) with the KV cache, so a later
-        # turn's render does not encode an image again.
-        self._image_grids: dict[str, np.ndarray] = {}
+        self.images = ChatImages(self.image_tokenizer)  # the codes of the chat's images, saved with it
         self.reset_cache()
 
     # ---- conversation -------------------------------------------------------------------------
@@ -129,7 +128,7 @@ class ChatSession:
         text = self.format.render_text(messages, system=self.system, think=self.think, tools=self.tools)
         if images is None:
             return self.tokenizer.encode(text, add_special_tokens=False)
-        return images.encode_grids(text, self._grids(urls))
+        return images.encode_grids(text, self.images.codes(urls))
 
     def image_tokenizer(self) -> vision.ImageTokenizer:
         """The model's `vision.ImageTokenizer` (an `ApertusError` naming the model if it cannot read images)."""
@@ -155,25 +154,13 @@ class ChatSession:
         urls = image_urls([*self.messages, *new_messages])
         if urls:
             self.image_tokenizer()
-        self._grids(urls, prune=not self.busy)  # a turn in progress may use an image not in `messages` yet
+        self.images.codes(urls)
+        if not self.busy:  # a turn in progress may use an image not in `messages` yet
+            self.images.keep_only(urls)
 
     def encoded_images(self, new_messages: list[dict[str, Any]] = ()) -> bool:
         """Whether every image of the chat (plus `new_messages`) has its codes already (so no MLX work is due)."""
-        return all(vision.url_key(url) in self._image_grids for url in image_urls([*self.messages, *new_messages]))
-
-    def _grids(self, urls: list[str], prune: bool = False) -> list[np.ndarray]:
-        keys = [vision.url_key(url) for url in urls]
-        grids = []
-        for url, key in zip(urls, keys, strict=True):
-            grid = self._image_grids.get(key) if key is not None else None
-            if grid is None:
-                grid = self.image_tokenizer().grid(vision.image_source(url))
-                if key is not None:
-                    self._image_grids[key] = grid
-            grids.append(grid)
-        if prune:
-            self._image_grids = {k: g for k, g in self._image_grids.items() if k in keys}
-        return grids
+        return self.images.known(image_urls([*self.messages, *new_messages]))
 
     def new_turn(
         self,
@@ -194,8 +181,8 @@ class ChatSession:
             if self._turn is not None:
                 raise ApertusError("this chat already has a turn in progress; wait for its Done or close its stream")
             prompt = self.render([*self.messages, *new_messages])
-            if self._image_grids:  # all encoded by now: only forget the images the chat no longer shows
-                self._grids(image_urls([*self.messages, *new_messages]), prune=True)
+            if self.images:  # all encoded by now: only forget the images the chat no longer shows
+                self.images.keep_only(image_urls([*self.messages, *new_messages]))
             self._check_context(prompt)
             self._turn = Turn(self, new_messages, options, prompt, self.format.start_channel(prompt), sink)
             return self._turn
@@ -306,7 +293,7 @@ class ChatSession:
             "tools": self.tools,
             "options": asdict(self.options),
             "cached": self._cached,
-            "images": {key: grid.tolist() for key, grid in self._image_grids.items()},
+            "images": self.images.to_json(),
             "model": model_fingerprint(self.model),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -343,7 +330,7 @@ class ChatSession:
         if same_model and session.max_kv_size is None and session.kv_quant is None and session.draft_model is None:
             session.cache, session._cached = cache, meta["cached"]
         if same_model:  # codes depend on the vision tokenizer, which comes with the checkpoint
-            session._image_grids = {k: np.asarray(g, dtype=np.int64) for k, g in meta.get("images", {}).items()}
+            session.images.load(meta.get("images", {}))
         return session
 
 
