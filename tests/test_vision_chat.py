@@ -344,3 +344,22 @@ def _answer(model, tokenizer, messages) -> str:
     session.messages = list(messages)
     *_, done = session.stream()
     return done.answer
+
+
+def test_greedy_answers_with_an_image_match_transformers_generate(checkpoint, loaded):
+    """Token for token: our greedy turn with an image against the reference's own `generate` on the same prompt."""
+    ref, _, processor = checkpoint
+    model, tokenizer = loaded
+    image, new_tokens = picture(48, 72, seed=13), 8
+    session = ChatSession(model, tokenizer, options=SamplingOptions(max_tokens=new_tokens, temperature=0))
+    *_, done = session.stream("What is in the picture?", images=[image])
+
+    text = session.format.render_text(session.messages[:1], system=session.system)
+    inputs = processor(text=text, images=[image], return_tensors="pt")
+    assert session.render(session.messages[:1]) == reference_prompt(ref, processor, text, [image])
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=2, pad_token_id=3)
+    expected = out[0, inputs["input_ids"].shape[1] :].tolist()
+    if expected[-1:] == [2]:  # the reference keeps the end-of-turn token; a chat's answer ends before it
+        expected = expected[:-1]
+    assert len(expected) >= 2 and list(done.tokens) == expected, (done.tokens, expected)
