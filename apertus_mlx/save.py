@@ -17,10 +17,19 @@ from mlx.utils import tree_flatten
 
 from . import apertus1p5
 from .errors import ApertusError
+from .load import _read_weights
 from .model import Model
 
-# Files that travel with the weights: tokenizer, chat template, generation defaults.
-_COMPANION_FILES = ("*.jinja", "tokenizer*", "special_tokens_map.json", "generation_config.json", "*.txt")
+# Files that travel with the weights: tokenizer, chat template, generation defaults, image preprocessing (1.5).
+_COMPANION_FILES = (
+    "*.jinja",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "*.txt",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
 _SHARD_BYTES = 5 << 30
 
 
@@ -80,6 +89,10 @@ def save_model(
 ) -> Path:
     """Save weights (safetensors shards), `config.json` and the tokenizer files found in `copy_from`.
 
+    A full Apertus 1.5 model (`model_type` "apertus1p5") also gets `copy_from`'s image and audio tokenizers'
+    tensors (`model.vision_tokenizer.*`, `model.audio_tokenizer.*`) unchanged, as the text model never holds
+    them, and its processor configs, so the saved checkpoint still reads images.
+
     The directory appears complete or not at all: everything is written to a sibling temporary
     directory that is renamed into place at the end. `before_commit(tmp_dir)` may add files to it.
     """
@@ -89,7 +102,10 @@ def save_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _write_weights(tmp, dict(tree_flatten(model.parameters())))
+        weights = dict(tree_flatten(model.parameters()))
+        if copy_from is not None and model.args.model_type == apertus1p5.FULL:
+            weights.update(_media_tensors(Path(copy_from)))
+        _write_weights(tmp, weights)
         (tmp / "config.json").write_text(json.dumps(checkpoint_config(model, config), indent=2) + "\n")
         if copy_from is not None:
             for pattern in _COMPANION_FILES:
@@ -109,6 +125,12 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _media_tensors(source: Path) -> dict[str, mx.array]:
+    """The checkpoint's image and audio tokenizers' tensors, as stored (memory-mapped: only these are read)."""
+    weights, _ = _read_weights(source)
+    return {name: w for name, w in weights.items() if name.startswith(apertus1p5.MEDIA_PREFIXES)}
 
 
 def _write_weights(directory: Path, weights: dict[str, mx.array]) -> None:

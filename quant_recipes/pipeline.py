@@ -28,8 +28,23 @@ Progress = Callable[[Iterator[Any], str, int], Iterator[Any]]
 
 
 def quantizable_modules(model: Model) -> dict[str, nn.Module]:
-    """Every module a recipe can quantize, by path: the linears, the embedding and the head."""
-    return {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    """Every module a recipe can quantize, by its recipe path: the linears, the embedding and the head.
+
+    Recipes, plans and reports name the decoder's modules `model.*` (`model.layers.3.mlp.up_proj`,
+    `model.embed_tokens`), as Apertus 1 lays them out, whatever the checkpoint calls them: Apertus 1.5's full
+    model keeps its decoder under `model.language_model.*`. `module_path` maps a recipe path back.
+    """
+    decoder = f"{model.decoder_prefix}."
+    return {
+        "model." + p[len(decoder) :] if p.startswith(decoder) else p: m
+        for p, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding))
+    }
+
+
+def module_path(model: Model, path: str) -> str:
+    """Where the module of a recipe path (see `quantizable_modules`) is in `model`."""
+    return model.decoder_prefix + path[len("model") :] if path.startswith("model.") else path
 
 
 def weight_shapes(model: Model) -> dict[str, tuple[int, int]]:
@@ -140,9 +155,10 @@ def quantize_embedding(embedding: nn.Embedding, assignment: Assignment) -> nn.Mo
     return q
 
 
-def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
-    *parents, name = path.split(".")
-    parent = root
+def _replace(model: Model, path: str, module: nn.Module) -> None:
+    """Put `module` at the recipe path `path` of `model`."""
+    *parents, name = module_path(model, path).split(".")
+    parent = model
     for part in parents:
         parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
     setattr(parent, name, module)
@@ -172,7 +188,7 @@ def quantize_model(
         quantized=q_embed(evaluation),
     )
     mx.eval(streams.original, streams.quantized, streams.calibration)
-    inner.embed_tokens = q_embed
+    _replace(model, "model.embed_tokens", q_embed)
     if not model.args.tie_word_embeddings:
         original_embed = None  # release the full-precision table now; only a tied head needs it again
 

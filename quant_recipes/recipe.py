@@ -10,7 +10,8 @@ A recipe is a small TOML file:
     method = "rtn"                # rtn, gptq, awq, distill
 
     [[rules]]                     # first matching rule wins
-    match = "*.self_attn.v_proj"  # glob on the module path
+    match = "*.self_attn.v_proj"  # glob on the module path (`model.layers.3.self_attn.v_proj`, `lm_head`;
+                                  # Apertus 1.5's decoder, `model.language_model.*`, is matched as `model.*`)
     layers = [0, 1]               # optional: first and last layer index, inclusive; negative counts from the end
     bits = 6                      # any of bits / group_size / mode / method, or keep = true (full precision)
 
