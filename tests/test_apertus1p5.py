@@ -36,7 +36,7 @@ from checkpoints import LLAMA3_ROPE, max_rel_error, reference_logits
 VOCAB, OUTPUT_VOCAB = 512, 384  # input ids 384..511 are the "visual" (384..447) and "audio" (448..511) ids
 TEMPLATE = (Path(__file__).resolve().parent / "templates" / "apertus1p5_rules.jinja").read_text()
 # Ids 0..31 are special tokens; in Apertus 1.5 the reasoning markers are the plain tokens 32 and 33.
-SPECIAL = [
+CHAT_TOKENS = [
     "<unk>",
     "<s>",
     "</s>",
@@ -51,7 +51,8 @@ SPECIAL = [
     "<|assistant_end|>",
     "<|tools_prefix|>",
     "<|tools_suffix|>",
-] + [f"<|reserved_{i}|>" for i in range(14, 32)]
+]
+SPECIAL = CHAT_TOKENS + [f"<|reserved_{i}|>" for i in range(len(CHAT_TOKENS), 32)]
 PLAIN_MARKERS = ["<|inner_prefix|>", "<|inner_suffix|>"]
 ASSISTANT_END = SPECIAL.index("<|assistant_end|>")
 _BPE_TEXT = ["The quick brown fox jumps over the lazy dog. Bern is the capital. Let me think about it."] * 8

@@ -25,6 +25,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from test_apertus1p5 import CHAT_TOKENS, TINY_AUDIO
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     Apertus1p5Config,
@@ -54,23 +55,7 @@ MARKERS = {
     "audio_token": "<|audio|>",
 }
 # Ids 0..31 are special; the markers sit at 14..21, `<|image|>` at 20 (the config's image_token_id).
-SPECIAL = [
-    "<unk>",
-    "<s>",
-    "</s>",
-    "<pad>",
-    "<|system_start|>",
-    "<|system_end|>",
-    "<|developer_start|>",
-    "<|developer_end|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|tools_prefix|>",
-    "<|tools_suffix|>",
-    *MARKERS.values(),
-] + [f"<|reserved_{i}|>" for i in range(22, 32)]
+SPECIAL = [*CHAT_TOKENS, *MARKERS.values()] + [f"<|reserved_{i}|>" for i in range(22, 32)]
 IMAGE_TOKEN_ID = SPECIAL.index("<|image|>")
 TINY_VISION = {
     "codebook_size": CODEBOOK,
@@ -81,16 +66,6 @@ TINY_VISION = {
     "num_res_blocks": 1,
     "attn_resolutions": [2],  # resolution 32 / 2**4: the last stage attends
     "resolution": 32,
-}
-TINY_AUDIO = {
-    "model_type": "wavtokenizer_encoder",
-    "num_filters": 4,
-    "upsampling_ratios": [2],
-    "num_residual_layers": 1,
-    "num_lstm_layers": 1,
-    "hidden_size": 8,
-    "codebook_size": 64,
-    "codebook_dim": 8,
 }
 # Small limits keep the encoder quick and make the larger test images scale down.
 SIZE = {"min_pixels": 32 * 32, "max_pixels": 96 * 96}
