@@ -15,6 +15,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 from mlx_lm.utils import infer_quant_config
 
+from . import formats
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .model import Model, ModelArgs
 from .progress import ProgressCallback, hub_tqdm
@@ -37,11 +38,11 @@ def resolve(
     `HF_HUB_OFFLINE=1`, in which case only the local hub cache is consulted.
     """
     path = Path(path_or_repo).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path
     name = str(path_or_repo)
     if path.exists():
-        raise ModelNotFoundError(f"model path {name} is a file; expected a directory with config.json")
+        raise ModelNotFoundError(f"model path {name} is a file; expected a directory with config.json or a .gguf file")
     if name.startswith((".", "/", "~")) or not _REPO_ID.match(name):
         raise ModelNotFoundError(f"model path {name} does not exist")
 
@@ -110,6 +111,10 @@ def load_model(path_or_repo: str | os.PathLike, lazy: bool = False) -> Model:
     checkpoint gets quantized layers before its weights are attached, so no full-precision copy is made.
     """
     path = resolve(path_or_repo)
+    if fmt := formats.detect(path):
+        model = formats.load_model(path, fmt, lazy=lazy)
+        model.checkpoint_path = path
+        return model
     config = load_config(path)
     model = Model(ModelArgs.from_config(config))
     weights, origin = _read_weights(path)
@@ -130,6 +135,8 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None) -> Tokenize
     The eos ids are the union of `generation_config.json`'s, `config.json`'s and `<|assistant_end|>`,
     which ends an Apertus chat turn.
     """
+    if (fmt := formats.detect(path)) and (own := formats.load_tokenizer(path, fmt)) is not None:
+        return own
     config = config if config is not None else load_config(path)
     text_config = config.get("text_config")  # Apertus 1.5's full model keeps its text settings there
     eos = _as_list(
