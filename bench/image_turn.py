@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -61,6 +62,9 @@ def build_checkpoint(shape: str, bits: int | None, group_size: int, out: Path) -
     mx.eval(vision.parameters())
 
     def add_media(tmp: Path) -> None:
+        # `small`'s generation config and template; not `copy_from=SMALL`, which would look for 1.5 media tensors there.
+        for name in ("generation_config.json", "chat_template.jinja"):
+            shutil.copy2(SMALL / name, tmp / name)
         tokenizer.save_pretrained(tmp)
         (tmp / "processor_config.json").write_text(json.dumps(IMAGE_SETTINGS))
         tensors = {  # the checkpoint's layout: convolutions (O, I, kh, kw)
@@ -74,7 +78,7 @@ def build_checkpoint(shape: str, bits: int | None, group_size: int, out: Path) -
             index.write_text(json.dumps(data, indent=2))
 
     log(f"writing the checkpoint to {out}")
-    return apertus_mlx.save_model(out, model, config, copy_from=SMALL, before_commit=add_media)
+    return apertus_mlx.save_model(out, model, config, before_commit=add_media)
 
 
 def picture(size: int, seed: int) -> Image.Image:
