@@ -72,6 +72,8 @@ DEFAULT_VISION_CONFIG: dict[str, Any] = {
 _BICUBIC = 3  # PILImageResampling.BICUBIC, the only filter the reference processor is configured with
 _CACHE_SIZE = 32
 _ARGMAX_CHUNK = 1 << 25  # codebook scores computed per block of grid cells: at most this many floats at once
+# A 3x3 convolution's scratch is about 9 copies of its input; over this many input floats it runs in bands of rows.
+_CONV_BAND = 1 << 21
 
 
 class ImageError(ApertusError, ValueError):
@@ -276,19 +278,38 @@ def _swish(x: mx.array) -> mx.array:
     return x * mx.sigmoid(x)
 
 
+def _conv3x3(conv: nn.Conv2d, x: mx.array, pad: tuple[int, int] = (1, 1), stride: int = 1) -> mx.array:
+    """`conv` (3x3, no padding of its own) over `x` padded by `pad` rows/columns (before, after), in bands of rows.
+
+    At full resolution the convolution's scratch memory is several gigabytes for one photo; computed a band of
+    output rows at a time (each band reading its rows plus the kernel's overlap), it stays near one band's.
+    """
+    x = mx.pad(x, [(0, 0), pad, pad, (0, 0)])
+    out_rows = (x.shape[1] - 3) // stride + 1
+    band = max(1, _CONV_BAND // (x.shape[2] * x.shape[3] * stride))
+    if band >= out_rows:
+        return conv(x)
+    parts = []
+    for r in range(0, out_rows, band):
+        parts.append(conv(x[:, r * stride : (min(r + band, out_rows) - 1) * stride + 3]))
+        # Evaluated band by band: a backend keeps an operation's scratch until its whole batch of work completes.
+        mx.eval(parts[-1])
+    return mx.concatenate(parts, axis=1)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.norm1 = _norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3)  # padded by _conv3x3
         self.norm2 = _norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(_swish(self.norm1(x)))
-        h = self.conv2(_swish(self.norm2(h)))
+        h = _conv3x3(self.conv1, _swish(self.norm1(x)))
+        h = _conv3x3(self.conv2, _swish(self.norm2(h)))
         return (self.nin_shortcut(x) if "nin_shortcut" in self else x) + h
 
 
@@ -317,7 +338,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))  # right and bottom only
+        return _conv3x3(self.conv, x, pad=(0, 1), stride=2)  # padded right and bottom only
 
 
 class EncoderBlock(nn.Module):
@@ -367,17 +388,17 @@ class Encoder(nn.Module):
     def __init__(self, config: dict[str, Any]):
         super().__init__()
         channels = config["base_channels"] * config["channel_multiplier"][-1]
-        self.conv_in = nn.Conv2d(config["in_channels"], config["base_channels"], 3, padding=1)
+        self.conv_in = nn.Conv2d(config["in_channels"], config["base_channels"], 3)  # padded by _conv3x3
         self.stages = [EncoderStage(config, i) for i in range(len(config["channel_multiplier"]))]
         self.mid = MiddleBlock(channels)
         self.norm_out = _norm(channels)
-        self.conv_out = nn.Conv2d(channels, config["latent_channels"], 3, padding=1)
+        self.conv_out = nn.Conv2d(channels, config["latent_channels"], 3)
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.conv_in(x)
+        x = _conv3x3(self.conv_in, x)
         for stage in self.stages:
             x = stage(x)
-        return self.conv_out(_swish(self.norm_out(self.mid(x))))
+        return _conv3x3(self.conv_out, _swish(self.norm_out(self.mid(x))))
 
 
 class Quantizer(nn.Module):

@@ -298,6 +298,21 @@ def test_codes_match_reference_exactly(checkpoint, ours):
     assert params["weight"].dtype == mx.float32
 
 
+def test_banded_convolutions_give_the_same_codes(checkpoint, ours, monkeypatch):
+    """Photos run the 3x3 convolutions a band of rows at a time (bounded scratch memory); codes stay exact."""
+    from apertus_mlx import vision
+
+    ref, _, processor = checkpoint
+    monkeypatch.setattr(vision, "_CONV_BAND", 256)  # a few rows per band even at these sizes
+    for seed, (height, width) in enumerate([(64, 48), (40, 72)], start=100):
+        image = picture(height, width, seed=seed)
+        inputs = processor.image_processor(image)
+        (h, w) = inputs["image_sizes"][0]
+        with torch.no_grad():
+            expected = ref.model.vision_tokenizer.encode(inputs["pixel_values"][:, :, :h, :w]).image_tokens[0].numpy()
+        np.testing.assert_array_equal(ours.codes(image), expected)
+
+
 def reference_ids(ref, processor, images) -> tuple[dict, np.ndarray]:
     """The processor's inputs, and its input_ids with the model's own visual ids in the placeholders."""
     inputs = processor(text=PROMPT, images=images, return_tensors="pt")
