@@ -15,14 +15,12 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 from mlx_lm.utils import infer_quant_config
 
-from . import formats
+from . import formats, hub
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .model import Model, ModelArgs
-from .progress import ProgressCallback, hub_tqdm
+from .progress import ProgressCallback
 
-# What a chat needs from a repo; skips the original PyTorch/consolidated files some repos also carry.
-_HUB_PATTERNS = ["*.json", "model*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
-_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")  # owner/name, with an optional GGUF quant tag
 END_OF_TURN = "<|assistant_end|>"
 # Used when no model is named; offline and uncached, the bundled demo model stands in.
 DEFAULT_MODEL = "swiss-ai/Apertus-8B-Instruct-2509"
@@ -32,7 +30,7 @@ DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 def resolve(
     path_or_repo: str | os.PathLike, revision: str | None = None, progress: ProgressCallback | None = None
 ) -> Path:
-    """A local model directory: the path itself, or a Hugging Face snapshot (downloaded with progress bars).
+    """A local model directory or .gguf file: the path itself, or what `hub.download` fetches (with progress bars).
 
     With `progress`, the download reports to it instead of drawing bars on the terminal. Honours
     `HF_HUB_OFFLINE=1`, in which case only the local hub cache is consulted.
@@ -46,21 +44,7 @@ def resolve(
     if name.startswith((".", "/", "~")) or not _REPO_ID.match(name):
         raise ModelNotFoundError(f"model path {name} does not exist")
 
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        bars = {"tqdm_class": hub_tqdm(progress)} if progress else {}
-        return Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS, **bars))
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(f"{name} is neither a local directory nor a Hugging Face repo") from None
-    except LocalEntryNotFoundError:
-        raise ModelNotFoundError(
-            f"{name} is not a local directory and is not in the Hugging Face cache, and the hub cannot be "
-            "reached (offline or HF_HUB_OFFLINE=1); pass a local model directory"
-        ) from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelNotFoundError(f"cannot download {name} from the Hugging Face hub: {_first_line(e)}") from None
+    return hub.download(name, revision=revision, progress=progress)
 
 
 def choose_model(
