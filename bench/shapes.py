@@ -14,6 +14,10 @@ from apertus_mlx.model import Model, ModelArgs
 SMALL = Path(__file__).resolve().parent / "yardstick" / "models" / "small"
 SHAPES = {  # (hidden, layers, MLP, heads, kv heads, vocab, tied)
     "8b": (4096, 32, 21504, 32, 8, 131072, False),
+    # Apertus-v1.1 0.5B and 4B: estimated (their config.json cannot be read here) so as to match the hub's parameter
+    # counts (0.56 B, 3.8 B) and the KV cache bytes per token in tui/catalog.py (20,480 and 98,304), tied embeddings.
+    "0.5b": (1024, 40, 4096, 16, 2, 131072, True),
+    "4b": (3072, 48, 8192, 24, 4, 131072, True),
     "1b": (2048, 16, 8192, 16, 8, 131072, True),
     "tiny": (256, 2, 512, 4, 2, 8192, False),  # for tests
 }
