@@ -13,6 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize
+from mlx.utils import tree_map
 
 import apertus_mlx
 from apertus_mlx.errors import CheckpointError, ConfigError, ModelNotFoundError
@@ -211,13 +212,19 @@ def test_llama_cpp_conversion_of_the_demo_model_matches_our_bf16_load():
     ours = apertus_mlx.load_model(LLAMA_CPP_DEMO)
     assert ours.import_summary.format == "GGUF BF16"
     ids = np.array([[1, 5, 200, 1000, 4000, 17, 42, 2500, 9, 11]])
-    expected = _logits(apertus_mlx.load_model(DEMO), ids)
-    # Same bf16 weights; the GGUF keeps norms in F32, so its activations run in float32, not bf16.
-    assert max_rel_error(_logits(ours, ids), expected) < 0.03
-    assert (np.argmax(_logits(ours, ids), -1) == np.argmax(expected, -1)).mean() > 0.8
+    source = apertus_mlx.load_model(DEMO)
+    in_bf16 = _logits(source, ids)
+    # Same bf16 weights; llama.cpp keeps norms F32, so the GGUF's activations run in float32: so does this one.
+    source.update(tree_map(lambda p: p.astype(mx.float32), source.parameters()))
+    assert max_rel_error(_logits(ours, ids), _logits(source, ids)) < 1e-5
+    assert max_rel_error(_logits(ours, ids), in_bf16) < 0.02
     ours_tok, theirs_tok = gguf.load_tokenizer(LLAMA_CPP_DEMO), load_tokenizer(DEMO)
-    text = "Grüezi! 🇨🇭 def f(x):\n    return x<|assistant_end|>"
-    assert ours_tok.encode(text) == theirs_tok.encode(text)
+    for text in ("Grüezi! 🇨🇭 def f(x):\n    return x<|assistant_end|>", "Il pleut à Genève; 日本語 12345"):
+        assert ours_tok.encode(text) == theirs_tok.encode(text)
+    chat = [{"role": "system", "content": "Kurz."}, {"role": "user", "content": "Hallo!"}]
+    assert ours_tok.apply_chat_template(chat, add_generation_prompt=True) == theirs_tok.apply_chat_template(
+        chat, add_generation_prompt=True
+    )
 
 
 def test_unknown_ggml_type_is_refused_by_name(tmp_path, models):
