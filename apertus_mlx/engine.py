@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 
+from . import residency
 from .chat_format import image_urls
 from .errors import EngineClosedError, TurnError
 from .events import Event
@@ -234,9 +235,11 @@ class Engine:
                 progress(LoadProgress("load", 0, 1, description=f"loading {self.info.name}"))
             self.model, self.tokenizer = load(self.model_path)
             self.draft_model = load_model(draft_model) if draft_model else None
+            wired = residency.wire(self.model)
             if progress:
                 progress(LoadProgress("load", 1, 1, description=f"loaded {self.info.name}"))
         except BaseException as e:
+            wired = None
             self._loaded.set_exception(e)  # jobs still run, so no caller waits forever
         else:
             self._loaded.set_result(None)
@@ -252,6 +255,7 @@ class Engine:
             try:
                 scheduler.cancel_all(EngineClosedError("the engine was closed"))
                 self._refuse_rest()
+                residency.unwire(wired)
             finally:
                 release_thread_state()  # the last MLX call on this thread: see mlx_thread.py
 
