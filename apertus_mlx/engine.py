@@ -58,6 +58,8 @@ class Engine:
         self.model_path: Path | None = None
         self.info: ModelInfo | None = None  # name, quantization, context length, size: set once loaded
         self.note: str | None = None  # set when the default model was not available and a fallback is used
+        # A published format imported as it is (GGUF, GPTQ, NVFP4): what the import did, as lines to show.
+        self.import_summary: list[str] = []
         self._loaded: Future[None] = Future()
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._closing = threading.Event()
@@ -235,6 +237,8 @@ class Engine:
                 progress(LoadProgress("load", 0, 1, description=f"loading {self.info.name}"))
             self.model, self.tokenizer = load(self.model_path)
             self.draft_model = load_model(draft_model) if draft_model else None
+            if (summary := getattr(self.model, "import_summary", None)) is not None:
+                self.import_summary = summary.lines()
             wired = residency.wire(self.model)
             if progress:
                 progress(LoadProgress("load", 1, 1, description=f"loaded {self.info.name}"))

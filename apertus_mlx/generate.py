@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin) -> int:
         engine.wait_ready()
         if engine.note:
             print(engine.note, file=sys.stderr)
+        for line in engine.import_summary:
+            print(line, file=sys.stderr)
         if args.verbose:
             print(f"model: {engine.model_path}", file=sys.stderr)
         session = engine.session(

@@ -75,6 +75,12 @@ def describe_model(path: str | os.PathLike, name: str | None = None) -> ModelInf
 
 def quantization_label(config: dict[str, Any], path: Path | None = None) -> str:
     """How the weights are stored, as a person would say it: "BF16", "INT4 g64", "budget 4.21 bpw"."""
+    published = config.get("quantization_config")
+    method = published.get("quant_method") if isinstance(published, dict) else None
+    if method == "gptq":
+        return f"GPTQ INT{published.get('bits', '?')} g{published.get('group_size', '?')}"
+    if method in ("modelopt", "compressed-tensors") or (path is not None and (path / "hf_quant_config.json").is_file()):
+        return "NVFP4"  # the only published scheme of these tools we load (apertus_mlx.formats.nvfp4)
     recipe = config.get("quantization_recipe")
     if isinstance(recipe, dict) and recipe.get("name"):
         bpw = _report_bpw(path) if path is not None else None

@@ -87,6 +87,8 @@ class ChatApp(App):
         if self.backend.note:
             note = self.backend.note.removeprefix("note: ")
             self.notify(f"{note} Here, Ctrl+O picks a model.", title="Demo model", timeout=15)
+        if self.backend.import_summary:
+            self.notify("\n".join(self.backend.import_summary), title="Imported as published", timeout=15)
         chats = self.store.chats()
         await chat.open_chat(chats[0] if chats else None)
         chat.enable_input(True)

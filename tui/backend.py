@@ -27,6 +27,7 @@ class Backend:
         self.store = store
         self.engine: Engine | None = None
         self.note: str | None = None  # e.g. that the bundled demo model stands in for the default
+        self.import_summary: list[str] = []  # what importing a published format (GGUF, GPTQ, NVFP4) did
 
     @property
     def info(self) -> ModelInfo | None:
@@ -46,6 +47,7 @@ class Backend:
         self.engine = engine
         await asyncio.to_thread(engine.wait_ready)
         self.note = engine.note
+        self.import_summary = engine.import_summary
 
     async def close(self) -> None:
         """Stop the current engine (its running turn ends as cancelled)."""

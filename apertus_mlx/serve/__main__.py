@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if engine.note:
         print(engine.note, file=sys.stderr)
+    for line in engine.import_summary:
+        print(line, file=sys.stderr)
     config = ServerConfig(
         api_key=args.api_key,
         limits=Limits(max_tokens=args.max_tokens),

@@ -156,6 +156,8 @@ class Loader:
         log.info("loaded %s (%s) in %.1f s", info.name, info.quantization, time.monotonic() - t0)
         if slot.engine.note:
             log.info("%s", slot.engine.note)
+        for line in slot.engine.import_summary:
+            log.info("%s", line)
         slot.ready.set_result(None)
 
     def _progress(self, slot: Slot, p: LoadProgress) -> None:
