@@ -149,8 +149,8 @@ def write_model(model, path: Path, types: dict[str, T] | T, tokenizer_dir: Path)
     return path
 
 
-def add_tokenizer(writer: GGUFWriter, tokenizer_dir: Path) -> None:
-    """The Hugging Face tokenizer of `tokenizer_dir` as GGUF metadata (byte-level BPE, GPT-2 split rules)."""
+def add_tokenizer(writer: GGUFWriter, tokenizer_dir: Path, pre: str = "gpt-2") -> None:
+    """The Hugging Face tokenizer of `tokenizer_dir` as GGUF metadata: byte-level BPE, split rules named `pre`."""
     spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
     config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
     vocab = dict(spec["model"]["vocab"])
@@ -161,7 +161,7 @@ def add_tokenizer(writer: GGUFWriter, tokenizer_dir: Path) -> None:
         tokens[i] = tok
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([TokenType.CONTROL if t in specials else TokenType.NORMAL for t in tokens])
     writer.add_token_merges(merges)

@@ -14,6 +14,9 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize
 from mlx.utils import tree_map
+from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from transformers import PreTrainedTokenizerFast
 
 import apertus_mlx
 from apertus_mlx.errors import CheckpointError, ConfigError, ModelNotFoundError
@@ -21,8 +24,10 @@ from apertus_mlx.formats import gguf
 from apertus_mlx.formats.gguf_tensors import Converter
 from apertus_mlx.load import load_tokenizer
 from apertus_mlx.model import rope_periods
+from bench.yardstick.tokenizer import SPECIAL_TOKENS
 
 from checkpoints import (
+    CHAT_TEMPLATE,
     LLAMA3_ROPE,
     make_reference,
     max_rel_error,
@@ -191,6 +196,43 @@ def test_metadata_tokenizer_encodes_as_the_source(tmp_path, source):
         chat, add_generation_prompt=True
     )
     assert ours.eos_token_ids == theirs.eos_token_ids
+
+
+# The split rules of Apertus' own tokenizer (Mistral's "tekken"), as its tokenizer.json states them.
+TEKKEN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+
+def test_tekken_split_rules_encode_as_the_source(tmp_path):
+    tok = Tokenizer(BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(TEKKEN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = ["Grüezi mitenand! HelloWorld CamelCase 2025-11-30, dé-jà vu: ÇA VA. 日本語 🇨🇭 x/y/z\n\n  def f():"] * 20
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(tmp_path / "hf")
+    writer = GGUFWriter(tmp_path / "tok.gguf", "apertus")
+    add_tokenizer(writer, tmp_path / "hf", pre="tekken")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    ours, theirs = gguf.load_tokenizer(tmp_path / "tok.gguf"), PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf")
+    for line in ("HelloWorld McDonald's 12345 ÇA VA? über/unter\n\n\tx", "CamelCaseWords dé-jà 🇨🇭<|user_end|>"):
+        assert ours.encode(line, add_special_tokens=False) == theirs.encode(line, add_special_tokens=False)
 
 
 def test_chat_on_a_lone_gguf_file_equals_the_source(tmp_path):

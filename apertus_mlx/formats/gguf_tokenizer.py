@@ -27,6 +27,7 @@ _LETTERS_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
 # Split rules by `tokenizer.ggml.pre` name; None means GPT-2's rules, built into the byte-level step.
 SPLITS: dict[str, str | None] = {
     "gpt-2": None,
+    "default": None,
     "llama-bpe": (
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
         r"|\s+(?!\S)|\s+"
@@ -36,7 +37,8 @@ SPLITS: dict[str, str | None] = {
         rf"{_LETTERS_LOWER}*|\p{{N}}| ?[^\s\p{{L}}\p{{N}}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     ),
 }
-SPLITS["default"] = SPLITS["gpt-2"]
+# These vocabularies take a whole word that is itself a token before trying merges (`ignore_merges`).
+WHOLE_WORDS = {"llama-bpe", "tekken"}
 
 
 def build(reader: GGUFReader, where: str) -> TokenizerWrapper:
@@ -63,8 +65,10 @@ def hf_tokenizer(reader: GGUFReader, where: str) -> PreTrainedTokenizerFast:
     tokens: list[str] = metadata(reader, "tokenizer.ggml.tokens")
     merges: list[str] = metadata(reader, "tokenizer.ggml.merges", [])
     types = metadata(reader, "tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges]))
-    tok.pre_tokenizer = _pre_tokenizer(metadata(reader, "tokenizer.ggml.pre", "gpt-2"), where)
+    pre = metadata(reader, "tokenizer.ggml.pre", "gpt-2")
+    vocab, pairs = {t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges]
+    tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=pre in WHOLE_WORDS))
+    tok.pre_tokenizer = _pre_tokenizer(pre, where)
     tok.decoder = decoders.ByteLevel()
     tok.add_tokens(
         [
