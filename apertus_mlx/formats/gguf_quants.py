@@ -39,20 +39,19 @@ class Codes:
     bits: int
     group: int
 
-    def dequantize(self) -> np.ndarray:
-        rows, cols = self.q.shape
-        g = self.q.reshape(rows, -1, self.group).astype(np.float32)
-        return (self.scales[..., None] * g + self.biases[..., None]).reshape(rows, cols)
-
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
     """Codes [rows, cols] as MLX's packed uint32 [rows, cols * bits / 32]: a little-endian bit stream."""
     rows = q.shape[0]
     if bits == 8:
         return np.ascontiguousarray(q).view(np.uint32)
-    # Eight codes make exactly `bits` bytes; build them in a uint64 and keep the low bytes.
-    eight = q.reshape(-1, 8).astype(np.uint64) << (bits * np.arange(8, dtype=np.uint64))
-    word = np.bitwise_or.reduce(eight, axis=1)
+    if bits == 4:
+        return np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4)).view(np.uint32)
+    # Eight codes make exactly `bits` bytes: build them in a uint64, one column at a time, keep the low bytes.
+    eight = q.reshape(-1, 8)
+    word = eight[:, 0].astype(np.uint64)
+    for i in range(1, 8):
+        word |= eight[:, i].astype(np.uint64) << np.uint64(bits * i)
     return np.ascontiguousarray(word.view(np.uint8).reshape(-1, 8)[:, :bits]).reshape(rows, -1).view(np.uint32)
 
 

@@ -20,10 +20,13 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
 from ..errors import CheckpointError, ConfigError
-from .gguf_quants import BLOCKS, GROUP16, Codes, pack, unpack
+from .gguf_quants import BLOCKS, GROUP16, pack, unpack
 
 FLOATS = {T.F32: mx.float32, T.F16: mx.float16, T.BF16: mx.bfloat16}
 REQUANT_BITS = {T.Q6_K: 8, T.Q3_K: 5, T.Q2_K: 4}
+BITS = {T.Q8_0: 8, T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5, T.Q4_K: 4, T.Q5_K: 5}
+CHUNK = 1 << 24  # weights converted at a time
+SAMPLE = 8  # one row in SAMPLE measures re-quantization error
 # Legacy types' scales are fp16 values, kept so; K-quant scales are fp16 x 6-bit products, exact only in fp32.
 EXACT_SCALES = {T.Q8_0: mx.float16, T.Q4_0: mx.float16, T.Q4_1: mx.float16, T.Q5_0: mx.float16}
 EXACT_SCALES |= {T.Q5_1: mx.float16, T.Q4_K: mx.float32, T.Q5_K: mx.float32}
@@ -66,38 +69,53 @@ class Converter:
             raise CheckpointError(f"{self.where}: tensor {name} has ggml type {kind}, which is not supported")
         if len(shape) != 2:
             raise CheckpointError(f"{self.where}: tensor {name} is quantized {qtype.name} but not 2-D")
+        rows, cols = shape
+        step = max(1, CHUNK // cols)  # rows at a time, so a large embedding's scratch stays bounded
+        parts = [self._rows(qtype, name, tensor.data[r : r + step], cols) for r in range(0, rows, step)]
+        arrays = {k: mx.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+        if "scales" not in arrays:
+            self.modules[f"{qtype.name} -> float16 (dequantized)"] += tensor.n_elements
+            return arrays, None
+        bits = REQUANT_BITS.get(qtype) or BITS[qtype]
+        requant = " (re-quantized)" if qtype in GROUP16 else ""
+        self.modules[f"{qtype.name} -> affine {bits}-bit g32{requant}"] += tensor.n_elements
+        return arrays, {"group_size": 32, "bits": bits, "mode": "affine"}
+
+    def _rows(self, qtype: T, name: str, raw: np.ndarray, cols: int) -> dict[str, mx.array]:
+        """The MLX arrays of some whole rows of a quantized tensor."""
         try:
-            codes = unpack(qtype, tensor.data, *shape)
+            codes = unpack(qtype, raw, raw.shape[0], cols)
         except ValueError as e:
             raise CheckpointError(f"{self.where}: tensor {name}: bad {qtype.name} data ({e})") from None
-        if qtype in GROUP16:
-            return self._group16(qtype, codes, tensor.n_elements)
-        dtype = EXACT_SCALES[qtype]
-        self.modules[f"{qtype.name} -> affine {codes.bits}-bit g32"] += tensor.n_elements
-        arrays = {
-            "weight": mx.array(pack(codes.q, codes.bits)),
-            "scales": mx.array(codes.scales).astype(dtype),
-            "biases": mx.array(codes.biases).astype(dtype),
-        }
-        return arrays, {"group_size": 32, "bits": codes.bits, "mode": "affine"}
-
-    def _group16(self, qtype: T, codes: Codes, n: int) -> tuple[dict[str, mx.array], dict[str, Any] | None]:
-        exact = codes.dequantize()
+        if qtype not in GROUP16:
+            dtype = EXACT_SCALES[qtype]
+            return {
+                "weight": mx.array(pack(codes.q, codes.bits)),
+                "scales": mx.array(codes.scales).astype(dtype),
+                "biases": mx.array(codes.biases).astype(dtype),
+            }
+        rows = raw.shape[0]
+        groups = mx.array(codes.q).reshape(rows, -1, codes.group)
+        # uint8 codes times float32 scales: the same float32 products as ggml's own dequantization.
+        exact = (groups * mx.array(codes.scales)[..., None] + mx.array(codes.biases)[..., None]).reshape(rows, cols)
         if self.mode == "float16":
-            self.modules[f"{qtype.name} -> float16 (dequantized)"] += n
-            return {"weight": mx.array(exact).astype(mx.float16)}, None
+            return {"weight": exact.astype(mx.float16)}
         bits = REQUANT_BITS[qtype]
-        w, scales, biases = mx.quantize(mx.array(exact), group_size=32, bits=bits)
+        w, scales, biases = mx.quantize(exact, group_size=32, bits=bits)
         scales, biases = scales.astype(mx.float16), biases.astype(mx.float16)
-        back = np.array(mx.dequantize(w, scales, biases, group_size=32, bits=bits).astype(mx.float32))
-        # The type's own rounding error, estimated as uniform rounding at each group's step: step^2 / 12.
-        own = float(np.sum(np.square(codes.scales)) * codes.group / 12)
+        # The error is measured on every SAMPLE-th row (dequantizing is the slow part on CPU), in float32 from
+        # the fp16 scales as stored.
+        sample = slice(None, None, SAMPLE)
+        wide = (scales[sample].astype(mx.float32), biases[sample].astype(mx.float32))
+        back = mx.dequantize(w[sample], *wide, group_size=32, bits=bits)
+        sq_err, sq_w = mx.sum(mx.square(back - exact[sample])), mx.sum(mx.square(exact[sample]))
+        mx.eval(w, scales, biases, sq_err, sq_w)
         err = self._error.setdefault(qtype.name, [0.0, 0.0, 0.0])
-        err[0] += float(np.sum(np.square(back - exact), dtype=np.float64))
-        err[1] += float(np.sum(np.square(exact), dtype=np.float64))
-        err[2] += own
-        self.modules[f"{qtype.name} -> affine {bits}-bit g32 (re-quantized)"] += n
-        return {"weight": w, "scales": scales, "biases": biases}, {"group_size": 32, "bits": bits, "mode": "affine"}
+        err[0] += sq_err.item()
+        err[1] += sq_w.item()
+        # The type's own rounding error, estimated as uniform rounding at each group's step: step^2 / 12.
+        err[2] += float(np.sum(np.square(codes.scales[sample]), dtype=np.float64) * codes.group / 12)
+        return {"weight": w, "scales": scales, "biases": biases}
 
     def notes(self) -> list[str]:
         """One line per re-quantized type: its measured error against exact dequantization."""
