@@ -10,7 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 from mlx_lm.utils import infer_quant_config
@@ -196,6 +196,7 @@ def _quantize(model: Model, config: dict[str, Any], weights: dict[str, mx.array]
         quant = legacy
     if missing := [k for k in ("bits", "group_size") if k not in quant]:
         raise ConfigError(f"config.json: quantization lacks {', '.join(missing)}")
+    _own_layers(model, quant)
 
     def predicate(path: str, module: nn.Module) -> bool | dict:
         if not hasattr(module, "to_quantized"):
@@ -216,6 +217,30 @@ def _quantize(model: Model, config: dict[str, Any], weights: dict[str, mx.array]
         )
     except ValueError as e:
         raise ConfigError(f"config.json: bad quantization settings ({_first_line(e)})") from None
+
+
+def _own_layers(model: Model, quant: dict[str, Any]) -> None:
+    """Put our own quantized layer types where the `quantization` block names them (saved imports of GPTQ + EoRA
+    or NVFP4); `nn.quantize` then leaves them be."""
+    from .lowrank import LowRankQuantizedLinear
+    from .scaled_linear import ScaledQuantizedLinear
+
+    kinds = {"low_rank": LowRankQuantizedLinear, "tensor_scale": ScaledQuantizedLinear}
+    modules = dict(model.named_modules())
+    for path, params in quant.items():
+        kind = next((cls for key, cls in kinds.items() if isinstance(params, dict) and key in params), None)
+        if kind is None:
+            continue
+        linear = modules.get(path)
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"config.json: quantization names {path}, which is not a linear layer of this model")
+        out_dims, in_dims = linear.weight.shape
+        try:
+            layer = kind.empty(in_dims, out_dims, params, bias="bias" in linear)
+        except (KeyError, ValueError) as e:
+            problem = _first_line(e)
+            raise ConfigError(f"config.json: quantization.{path} is not a valid layer entry ({problem})") from None
+        model.update_modules(tree_unflatten([(path, layer)]))
 
 
 def _check_weights(model: Model, weights: dict[str, mx.array], origin: dict[str, str]) -> None:

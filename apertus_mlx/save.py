@@ -34,9 +34,13 @@ _SHARD_BYTES = 5 << 30
 
 
 def quantization_block(model: nn.Module) -> dict[str, Any] | None:
-    """mlx-lm's `quantization` config: the commonest (group_size, bits, mode), plus each layer that differs."""
+    """mlx-lm's `quantization` config: the commonest (group_size, bits, mode), plus each layer that differs.
+
+    A layer type of our own (a low-rank side path, a tensor scale) writes its entry itself (`quant_params()`),
+    with the keys `load` needs to rebuild it.
+    """
     layers = {
-        path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+        path: _quant_params(m)
         for path, m in model.named_modules()
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
     }
@@ -46,6 +50,12 @@ def quantization_block(model: nn.Module) -> dict[str, Any] | None:
     block: dict[str, Any] = dict(common)
     block.update({path: p for path, p in layers.items() if tuple(p.items()) != common})
     return block
+
+
+def _quant_params(layer: nn.Module) -> dict[str, Any]:
+    if hasattr(layer, "quant_params"):
+        return layer.quant_params()
+    return {"group_size": layer.group_size, "bits": layer.bits, "mode": layer.mode}
 
 
 def checkpoint_config(model: Model, config: dict[str, Any]) -> dict[str, Any]:
