@@ -13,7 +13,6 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize
-from mlx.utils import tree_map
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
@@ -134,7 +133,7 @@ def models(tmp_path_factory):
         ref = make_reference(**SHAPE, seed=len(out))
         hf = save_reference(ref, root / name / "hf", dtype=dtype)  # bf16: the model keeps the rounded values
         file = write_model(ref, root / name / "lone" / f"tiny-{name}.gguf", types, hf)
-        save_reference(ref, hf)  # now with the dequantized blocks as weights
+        save_reference(ref, hf, dtype=dtype)  # now with the dequantized blocks as weights
         out[name] = (ref, hf, file)
     return out
 
@@ -144,9 +143,11 @@ def test_logits_equal_the_source(models, name):
     ref, hf, file = models[name]
     model = apertus_mlx.load_model(file)
     ours = _logits(model)
+    if name == "bf16":  # F32 norms fit bf16 exactly, so they run in bf16 as the source's do: same logits
+        assert np.array_equal(ours, _logits(apertus_mlx.load_model(hf)))
+        return
     assert max_rel_error(ours, _logits(apertus_mlx.load_model(hf))) < 2e-5
-    if name != "bf16":  # the bf16 round trip also rounded torch's RoPE buffer, so only our float load compares
-        assert max_rel_error(ours, reference_logits(ref, IDS)) < 2e-5
+    assert max_rel_error(ours, reference_logits(ref, IDS)) < 2e-5
 
 
 def test_group16_types_are_requantized_with_measured_error(models, monkeypatch):
@@ -255,12 +256,8 @@ def test_llama_cpp_conversion_of_the_demo_model_matches_our_bf16_load():
     ours = apertus_mlx.load_model(LLAMA_CPP_DEMO)
     assert ours.import_summary.format == "GGUF BF16"
     ids = np.array([[1, 5, 200, 1000, 4000, 17, 42, 2500, 9, 11]])
-    source = apertus_mlx.load_model(DEMO)
-    in_bf16 = _logits(source, ids)
-    # Same bf16 weights; llama.cpp keeps norms F32, so the GGUF's activations run in float32: so does this one.
-    source.update(tree_map(lambda p: p.astype(mx.float32), source.parameters()))
-    assert max_rel_error(_logits(ours, ids), _logits(source, ids)) < 1e-5
-    assert max_rel_error(_logits(ours, ids), in_bf16) < 0.02
+    # llama.cpp writes norms and xIELU scalars as F32; they fit bf16 exactly, so everything runs in bf16 as ours does.
+    assert np.array_equal(_logits(ours, ids), _logits(apertus_mlx.load_model(DEMO), ids))
     ours_tok, theirs_tok = gguf.load_tokenizer(LLAMA_CPP_DEMO), load_tokenizer(DEMO)
     for text in ("Grüezi! 🇨🇭 def f(x):\n    return x<|assistant_end|>", "Il pleut à Genève; 日本語 12345"):
         assert ours_tok.encode(text) == theirs_tok.encode(text)

@@ -105,6 +105,7 @@ def load_model(path: Path, lazy: bool = False) -> tuple[Model, ImportSummary]:
             quant[module] = settings
     nn.quantize(model, class_predicate=lambda p, m: quant.get(p, False))
     _set_xielu(reader, model, weights, file.name)
+    _match_embedding_dtype(weights)
     expected = {k for k, _ in nn.utils.tree_flatten(model.parameters())}
     if missing := sorted(expected - weights.keys()):
         raise CheckpointError(f"{file.name}: lacks the tensor for {missing[0]}")
@@ -181,6 +182,20 @@ def _set_xielu(reader: GGUFReader, model: Model, weights: dict[str, mx.array], w
             raise ConfigError(f"{where}: metadata xielu.{const} should hold {layers} values")
         for i, v in enumerate(values):
             weights[f"model.layers.{i}.mlp.act_fn.{const}"] = mx.array(float(v), dtype=mx.float32)
+
+
+def _match_embedding_dtype(weights: dict[str, mx.array]) -> None:
+    """With a 16-bit float embedding, F32 norms and xIELU scalars that fit it exactly take its dtype.
+
+    llama.cpp writes these small tensors as F32 whatever the model's dtype; kept so, they would lift every
+    activation (and the KV cache) of a BF16 file to float32. Cast, a BF16 GGUF runs as its BF16 source does.
+    """
+    dtype = weights["model.embed_tokens.weight"].dtype
+    if dtype not in (mx.bfloat16, mx.float16) or "model.embed_tokens.scales" in weights:
+        return
+    for name, w in weights.items():
+        if w.ndim <= 1 and w.dtype == mx.float32 and mx.array_equal(w.astype(dtype).astype(mx.float32), w).item():
+            weights[name] = w.astype(dtype)
 
 
 def _set_rope(model: Model, tensors: dict[str, Any], where: str) -> None:
