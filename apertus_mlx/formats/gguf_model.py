@@ -1,0 +1,124 @@
+"""How a GGUF file's metadata and tensors map onto our model: config, names, xIELU, RoPE, dtypes, file type."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+
+from ..errors import CheckpointError, ConfigError
+from ..model import Model, rope_periods
+from .gguf_tensors import metadata
+
+ARCH = "apertus"
+# GGUF tensor name -> ours ({} is the layer number).
+_LAYER = {
+    "attn_norm": "attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "feedforward_layernorm",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def gguf_config(reader: GGUFReader, tensors: dict[str, Any], where: str) -> dict[str, Any]:
+    """A Hugging Face style config dict for `ModelArgs.from_config`, from the GGUF metadata."""
+    arch = metadata(reader, "general.architecture")
+    if arch != ARCH:
+        raise ConfigError(f"{where}: general.architecture is {arch!r}, expected {ARCH!r}")
+
+    def key(name: str, default: Any = None) -> Any:
+        value = metadata(reader, f"{ARCH}.{name}", default)
+        if value is None:
+            raise ConfigError(f"{where}: missing metadata key {ARCH}.{name}")
+        return value
+
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{where}: lacks tensor token_embd.weight")
+    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+    vocab = int(tensors["token_embd.weight"].shape[1])  # ggml shapes list the fastest (input) dimension first
+    return {
+        "model_type": "apertus",
+        "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "head_dim": int(key("attention.key_length", hidden // heads)),
+        "vocab_size": vocab,
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        "max_position_embeddings": int(key("context_length", 65536)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "rope_theta": float(key("rope.freq_base", 12_000_000.0)),
+    }
+
+
+def our_name(name: str, where: str) -> str:
+    stem, _, suffix = name.rpartition(".")
+    if suffix == "weight" and stem in _TOP:
+        return f"{_TOP[stem]}.weight"
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    if m and m.group(2) in _LAYER:
+        return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
+    raise CheckpointError(f"{where}: unexpected tensor {name} for an Apertus model")
+
+
+def set_xielu(reader: GGUFReader, model: Model, weights: dict[str, mx.array], where: str) -> None:
+    """xIELU's four per-layer scalars, raw (softplus applies at run time), from the un-prefixed xielu.* arrays."""
+    layers = len(model.layers)
+    for const in ("alpha_p", "alpha_n", "beta", "eps"):
+        values = metadata(reader, f"xielu.{const}")
+        if values is None or len(values) != layers:
+            raise ConfigError(f"{where}: metadata xielu.{const} should hold {layers} values")
+        for i, v in enumerate(values):
+            weights[f"model.layers.{i}.mlp.act_fn.{const}"] = mx.array(float(v), dtype=mx.float32)
+
+
+def match_embedding_dtype(weights: dict[str, mx.array]) -> None:
+    """With a 16-bit float embedding, F32 norms and xIELU scalars that fit it exactly take its dtype.
+
+    llama.cpp writes these small tensors as F32 whatever the model's dtype; kept so, they would lift every
+    activation (and the KV cache) of a BF16 file to float32. Cast, a BF16 GGUF runs as its BF16 source does.
+    """
+    dtype = weights["model.embed_tokens.weight"].dtype
+    if dtype not in (mx.bfloat16, mx.float16) or "model.embed_tokens.scales" in weights:
+        return
+    for name, w in weights.items():
+        if w.ndim <= 1 and w.dtype == mx.float32 and mx.array_equal(w.astype(dtype).astype(mx.float32), w).item():
+            weights[name] = w.astype(dtype)
+
+
+def set_rope(model: Model, tensors: dict[str, Any], where: str) -> None:
+    """llama3 RoPE scaling: `rope_freqs` holds factors that divide each frequency, so they multiply our periods."""
+    tensor = tensors.get("rope_freqs.weight")
+    if tensor is None:
+        return
+    args = model.args
+    factors = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+    if factors.size != args.head_dim // 2:
+        raise CheckpointError(f"{where}: rope_freqs.weight has {factors.size} values, expected {args.head_dim // 2}")
+    periods = rope_periods(args.head_dim, args.rope_theta, None) * mx.array(factors)
+    for layer in model.layers:
+        layer.self_attn._periods = periods
+
+
+def file_type(reader: GGUFReader, tensors: dict[str, Any]) -> str:
+    """The file's quant name (general.file_type), else the most common type among its 2-D tensors."""
+    ftype = metadata(reader, "general.file_type")
+    if ftype is not None:
+        try:
+            return LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_").replace("ALL_", "")
+        except ValueError:
+            pass
+    types = Counter(GGMLQuantizationType(t.tensor_type).name for t in tensors.values() if len(t.shape) > 1)
+    return types.most_common(1)[0][0] if types else "?"
