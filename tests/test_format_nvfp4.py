@@ -154,6 +154,17 @@ def test_unknown_algo_group_size_and_shapes_are_refused(source, tmp_path):
     write_modelopt(source, tmp_path / "fp8", algo="FP8")
     _one_line_error(tmp_path / "fp8", "hf_quant_config.json", "quant_algo 'FP8'")
 
+    refs = write_modelopt(source, tmp_path / "mixed")
+    config = json.loads((tmp_path / "mixed" / "hf_quant_config.json").read_text())
+    config["quantization"].update(
+        quant_algo="MIXED_PRECISION", quantized_layers={name: {"quant_algo": "W4A16_NVFP4"} for name in refs}
+    )
+    (tmp_path / "mixed" / "hf_quant_config.json").write_text(json.dumps(config))
+    assert nvfp4.load_model(tmp_path / "mixed")[1].parameters > 0
+    config["quantization"]["quantized_layers"]["model.layers.0.self_attn.q_proj"] = {"quant_algo": "FP8"}
+    (tmp_path / "mixed" / "hf_quant_config.json").write_text(json.dumps(config))
+    _one_line_error(tmp_path / "mixed", "quantized_layers.model.layers.0.self_attn.q_proj.quant_algo 'FP8'")
+
     write_modelopt(source, tmp_path / "g32")
     config = json.loads((tmp_path / "g32" / "hf_quant_config.json").read_text())
     config["quantization"]["group_size"] = 32
