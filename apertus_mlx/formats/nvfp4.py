@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,8 @@ def load_model(path: Path, lazy: bool = False) -> tuple[Model, ImportSummary]:
     if not lazy:
         mx.eval(model.parameters())
 
-    for _, array in tree_flatten(model.parameters()):
-        summary.weight_bytes += array.nbytes
     for name, array in tree_flatten(model.parameters()):
+        summary.weight_bytes += array.nbytes
         if not name.endswith((".scales", ".tensor_scale")) and array.dtype in DTYPE_NAMES:
             summary.modules[DTYPE_NAMES[array.dtype]] += array.size
     if floats:
@@ -123,7 +123,7 @@ def load_tokenizer(path: Path) -> None:
     return None
 
 
-def _scheme(path: Path, config: dict[str, Any]):
+def _scheme(path: Path, config: dict[str, Any]) -> tuple[Layout, Callable[[str], str]]:
     """The layout, and each layer's ModelOpt quant_algo; refuses what is not weight-only NVFP4 in one line."""
     quant = config.get("quantization_config")
     if (path / MODELOPT_FILE).is_file() or (isinstance(quant, dict) and quant.get("quant_method") == "modelopt"):
@@ -132,7 +132,7 @@ def _scheme(path: Path, config: dict[str, Any]):
     return COMPRESSED, lambda name: W4A16
 
 
-def _modelopt_algos(path: Path, quant: Any):
+def _modelopt_algos(path: Path, quant: Any) -> Callable[[str], str]:
     """`name -> quant_algo` from `hf_quant_config.json` (or config.json's `quantization_config`), checked."""
     file = path / MODELOPT_FILE
     if file.is_file():
