@@ -12,10 +12,22 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-class LowRankQuantizedLinear(nn.QuantizedLinear):
-    """`nn.QuantizedLinear` plus `(x @ lora_a.T) @ lora_b.T`, with `lora_a` [rank, in] and `lora_b` [out, rank].
+class CastQuantizedLinear(nn.QuantizedLinear):
+    """`nn.QuantizedLinear` whose output takes the input's dtype.
 
-    The side path is unscaled: fold any alpha/rank factor into `lora_b` before building the layer.
+    Its scales and biases may be wider than the activations (float32 keeps imported scales exact): without the
+    cast, a bfloat16 model's activations, KV cache and every later matmul would be promoted to float32.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return super().__call__(x).astype(x.dtype)
+
+
+class LowRankQuantizedLinear(CastQuantizedLinear):
+    """`CastQuantizedLinear` plus `(x @ lora_a.T) @ lora_b.T`, with `lora_a` [rank, in] and `lora_b` [out, rank].
+
+    The side path is unscaled: fold any alpha/rank factor into `lora_b` before building the layer. Keep
+    `lora_a`/`lora_b` in the activations' dtype.
     """
 
     def __init__(
@@ -98,9 +110,9 @@ class LowRankQuantizedLinear(nn.QuantizedLinear):
 
 def quantized_linear(
     weight: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int, mode: str = "affine"
-) -> nn.QuantizedLinear:
-    """An `nn.QuantizedLinear` holding these packed tensors, built without quantizing a random weight first."""
-    layer = nn.QuantizedLinear(128, 1, bias=False, group_size=group_size, bits=bits, mode=mode)  # tiny, replaced
+) -> CastQuantizedLinear:
+    """A `CastQuantizedLinear` holding these packed tensors, built without quantizing a random weight first."""
+    layer = CastQuantizedLinear(128, 1, bias=False, group_size=group_size, bits=bits, mode=mode)  # tiny, replaced
     layer.weight, layer.scales = weight, scales
     if biases is not None:
         layer.biases = biases

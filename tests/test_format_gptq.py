@@ -82,20 +82,15 @@ def test_detected_as_gptq(written):
 
 
 def test_each_layer_computes_the_formula(loaded):
-    """Dequantized MLX weights equal scale·(q − zero) exactly (float32 model), or within BF16's rounding."""
+    """Dequantized MLX weights equal scale·(q − zero) exactly, whatever the model's dtype."""
     name, model, _, modules = loaded
     layers = dict(model.named_modules())
     for module, m in modules.items():
         layer = layers[module]
         assert isinstance(layer, LowRankQuantizedLinear) == (m.lora is not None), module
-        # In float32, as the quantized matmul computes with the stored scales and biases.
-        scales, biases = layer.scales.astype(mx.float32), layer.biases.astype(mx.float32)
-        w = mx.dequantize(layer.weight, scales, biases, group_size=layer.group_size, bits=layer.bits)
-        ours, ref = np.array(w), m.dequantized()
-        if "bf16" in name:
-            assert np.all(np.abs(ours - ref) <= 2**-8 * np.abs(ref)), module  # scales rounded once, sym zeros exact
-        else:
-            np.testing.assert_array_equal(ours, ref.astype(np.float32), err_msg=module)
+        assert layer.scales.dtype == layer.biases.dtype == mx.float32, module
+        w = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=layer.group_size, bits=layer.bits)
+        np.testing.assert_array_equal(np.array(w), m.dequantized().astype(np.float32), err_msg=module)
         if m.lora is not None:
             a, b = (np.array(t.astype(mx.float32)) for t in (layer.lora_a, layer.lora_b))
             tol = 2**-8 if "bf16" in name else 0
@@ -107,6 +102,9 @@ def test_each_layer_computes_the_formula(loaded):
     m = modules["model.layers.0.self_attn.q_proj"]
     if "bf16" not in name:
         np.testing.assert_allclose(np.array(q(x)), np.array(x) @ m.effective().T, rtol=1e-4, atol=1e-5)
+    else:  # float32 scales do not promote the bf16 model's activations
+        xb = x.astype(mx.bfloat16)
+        assert q(xb).dtype == layers["model.layers.1.mlp.up_proj"](xb).dtype == mx.bfloat16
 
 
 def test_summary(loaded):
