@@ -21,7 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize BF16/FP16/FP32 Apertus weights by a recipe; writes MLX weights and a quality report.",
     )
     p.add_argument("--model", help="source: Hugging Face repo id or directory of full-precision safetensors")
-    p.add_argument("--recipe", help="a shipped recipe name (see --list-recipes) or a recipe .toml file")
+    p.add_argument(
+        "--recipe",
+        help="a shipped recipe name (see --list-recipes) or a recipe .toml file; without one, a GGUF, GPTQ or "
+        "NVFP4 source is saved as an MLX checkpoint as it is",
+    )
     p.add_argument("--out", type=Path, help="output directory (created atomically)")
     p.add_argument("--calibration-text", type=Path, help="UTF-8 text for calibration (default: shipped multilingual)")
     p.add_argument("--eval-text", type=Path, help="UTF-8 held-out text for the quality report")
@@ -62,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
                 bpw = estimated_bpw(r)
                 print(f"{r.name:<{width}}  {f'{bpw:.2f}' if bpw else 'target':>8}  {r.description}")
             return 0
-        missing = [f"--{k}" for k in ("model", "recipe", "out") if getattr(args, k) is None]
+        missing = [f"--{k}" for k in ("model", "out") if getattr(args, k) is None]
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
+        if args.recipe is None:
+            return save_import(args)
         recipe = load_recipe(args.recipe)
         aims = {k: getattr(args, k) for k in ("bits_per_weight", "size_gb", "ram_gb", "context")}
         if any(v is not None for v in aims.values()):
@@ -98,6 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+def save_import(args: argparse.Namespace) -> int:
+    """No recipe: a published GGUF / GPTQ / NVFP4 checkpoint saved as MLX as it is, for faster later loads."""
+    from .formats import detect, save_as_mlx
+    from .load import resolve
+
+    source = resolve(args.model)
+    if detect(source) is None:
+        raise ApertusError(
+            f"{args.model} is not a GGUF, GPTQ or NVFP4 checkpoint: pass --recipe to quantize it (see --list-recipes)"
+        )
+    out, summary = save_as_mlx(source, args.out, overwrite=args.overwrite)
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    print(f"{out}: saved as an MLX checkpoint ({summary.weight_bytes / 1e6:.1f} MB of weights)")
+    return 0
 
 
 def _interrupt(signum: int, frame: Any) -> None:

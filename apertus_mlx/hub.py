@@ -40,6 +40,8 @@ def download(name: str, revision: str | None = None, progress: ProgressCallback 
         if chosen := _gguf_choice(files, tag):
             return Path(hf_hub_download(repo, chosen, revision=revision, **bars))
         return Path(snapshot_download(repo, revision=revision, allow_patterns=PATTERNS, **bars))
+    except ModelNotFoundError:  # our own choice of file failed: already one line (and an OSError too)
+        raise
     except GatedRepoError:
         raise ModelNotFoundError(
             f"{repo} is gated: accept its terms on huggingface.co, then log in here (hf auth login)"

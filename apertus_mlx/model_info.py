@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import formats
 from .errors import ConfigError
 from .load import DEMO_MODEL, load_config
 
@@ -58,16 +59,17 @@ class ModelInfo:
 def describe_model(path: str | os.PathLike, name: str | None = None) -> ModelInfo:
     """`ModelInfo` of a local model directory; raises `ModelNotFoundError` or `ConfigError` naming the file."""
     path = Path(path)
-    config = load_config(path)
+    fmt = formats.detect(path)
+    config = formats.source_config(path, fmt) if fmt else load_config(path)
     demo = path.resolve() == DEMO_MODEL.resolve()
     # Apertus 1.5's full model keeps the decoder's settings in text_config.
     text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     return ModelInfo(
         name=name or _hub_name(path) or ("demo model" if demo else path.name),
         path=path,
-        quantization=quantization_label(config, path),
+        quantization=formats.label(path, fmt) if fmt == "gguf" else quantization_label(config, path),
         context_length=int(text.get("max_position_embeddings", 65536)),
-        weights_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")),
+        weights_bytes=sum(f.stat().st_size for f in formats.weight_files(path)),
         kv_bytes_per_token=_kv_bytes_per_token(text),
         demo=demo,
     )

@@ -37,7 +37,7 @@ def quantization_block(model: nn.Module) -> dict[str, Any] | None:
     """mlx-lm's `quantization` config: the commonest (group_size, bits, mode), plus each layer that differs.
 
     A layer type of our own (a low-rank side path, a tensor scale) writes its entry itself (`quant_params()`),
-    with the keys `load` needs to rebuild it.
+    with the keys `load` needs to rebuild it, always per layer: the common entry holds only the three settings.
     """
     layers = {
         path: _quant_params(m)
@@ -46,9 +46,10 @@ def quantization_block(model: nn.Module) -> dict[str, Any] | None:
     }
     if not layers:
         return None
-    common = Counter(tuple(p.items()) for p in layers.values()).most_common(1)[0][0]
+    keys = ("group_size", "bits", "mode")
+    common = Counter(tuple((k, p[k]) for k in keys) for p in layers.values()).most_common(1)[0][0]
     block: dict[str, Any] = dict(common)
-    block.update({path: p for path, p in layers.items() if tuple(p.items()) != common})
+    block.update({path: p for path, p in layers.items() if p != block})
     return block
 
 

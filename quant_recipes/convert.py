@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from apertus_mlx import __version__
+from apertus_mlx import __version__, formats
 from apertus_mlx.load import load_config, load_model, load_tokenizer, resolve
 from apertus_mlx.model import Model, ModelArgs
 from apertus_mlx.progress import ProgressCallback
@@ -49,6 +49,11 @@ def convert(
     """
     start = time.perf_counter()
     src = resolve(source, progress=download_progress)
+    if fmt := formats.detect(src):
+        raise ValueError(
+            f"{src} is already quantized ({fmt.upper()}); convert it without --recipe to save it as MLX as it is, "
+            "or quantize from the full-precision checkpoint"
+        )
     config = load_config(src)
     if "quantization" in config:
         raise ValueError(f"{src} is already quantized; convert from the full-precision checkpoint")

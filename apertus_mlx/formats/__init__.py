@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 log = logging.getLogger("apertus_mlx.formats")
 
@@ -81,3 +82,48 @@ def load_model(path: Path, name: str, lazy: bool = False):
 def load_tokenizer(path: Path, name: str):
     """The format's own tokenizer, or None when the usual Hugging Face files apply."""
     return _modules()[name].load_tokenizer(path)
+
+
+def source_config(path: Path, name: str) -> dict[str, Any]:
+    """The checkpoint's settings as a Hugging Face `config.json` dict (a GGUF's come from its metadata)."""
+    if name == "gguf":
+        return _modules()["gguf"].config(path)
+    from ..load import load_config
+
+    return load_config(path)
+
+
+def label(path: Path, name: str) -> str:
+    """How a GGUF checkpoint's weights are stored, as its file type says: "GGUF Q4_K_M"."""
+    return _modules()[name].label(path)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The files that hold the weights: a GGUF file itself, else the directory's safetensors."""
+    if _modules()["gguf"].matches(path):
+        return [_modules()["gguf"].gguf_file(path)]
+    return sorted(path.glob("*.safetensors"))
+
+
+def save_as_mlx(path: Path, out: Path, overwrite: bool = False) -> tuple[Path, ImportSummary]:
+    """Write the published checkpoint at `path` as an MLX checkpoint in `out` (atomically), its layers as imported.
+
+    Later loads then skip the format's conversion. A GGUF file's tokenizer and chat template are written from
+    its metadata; a directory's tokenizer files are copied.
+    """
+    from ..load import load_model as load
+    from ..save import save_model
+
+    name = detect(path)
+    if name is None:
+        raise ValueError(f"{path} is not a GGUF, GPTQ or NVFP4 checkpoint")
+    model = load(path)
+    tokenizer = load_tokenizer(path, name)
+
+    def write_tokenizer(directory: Path) -> None:
+        if tokenizer is not None:
+            tokenizer._tokenizer.save_pretrained(directory)
+
+    copy_from = path if path.is_dir() else None
+    saved = save_model(out, model, source_config(path, name), copy_from, overwrite, before_commit=write_tokenizer)
+    return saved, model.import_summary

@@ -119,6 +119,19 @@ def load_tokenizer(path: Path):
     return build(open_reader(file), file.name)
 
 
+def config(path: Path) -> dict[str, Any]:
+    """The file's settings as a Hugging Face config dict, from its metadata alone (no tensor is read)."""
+    file = gguf_file(path)
+    reader = open_reader(file)
+    return gguf_config(reader, {t.name: t for t in reader.tensors}, file.name)
+
+
+def label(path: Path) -> str:
+    """How the weights are stored, as the file says it: "GGUF Q4_K_M"."""
+    reader = open_reader(gguf_file(path))
+    return f"GGUF {file_type(reader, {t.name: t for t in reader.tensors})}"
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

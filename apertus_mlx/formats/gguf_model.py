@@ -47,7 +47,7 @@ def gguf_config(reader: GGUFReader, tensors: dict[str, Any], where: str) -> dict
         raise CheckpointError(f"{where}: lacks tensor token_embd.weight")
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
     vocab = int(tensors["token_embd.weight"].shape[1])  # ggml shapes list the fastest (input) dimension first
-    return {
+    config = {
         "model_type": "apertus",
         "hidden_size": hidden,
         "intermediate_size": int(key("feed_forward_length")),
@@ -61,6 +61,47 @@ def gguf_config(reader: GGUFReader, tensors: dict[str, Any], where: str) -> dict
         "tie_word_embeddings": "output.weight" not in tensors,
         "rope_theta": float(key("rope.freq_base", 12_000_000.0)),
     }
+    if "rope_freqs.weight" in tensors:
+        factors = _factors(tensors, config["head_dim"], where)
+        if scaling := llama3_scaling(factors, config["head_dim"], config["rope_theta"]):
+            config["rope_scaling"] = scaling  # so the model, and an MLX checkpoint saved from it, need no rope_freqs
+    return config
+
+
+def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """The llama3 RoPE parameters whose frequency divisors are `factors`, or None when no such parameters exist.
+
+    llama.cpp stores llama3 scaling only as those divisors. They fix `factor` (the largest) and, through the
+    smoothly interpolated band, `original / (high - low)` and `low / (high - low)`; any `original` then gives
+    the same rotations, so the published 8192 is taken and the result checked against every divisor.
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factor = float(factors.max())
+    band = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if factor <= 1 or band.sum() < 2:
+        return None
+    # In the band 1 / f = (1 - s) / factor + s, with s linear in 1 / wavelength: s = a / wavelength + b.
+    s = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
+    a, b = np.polyfit(inv_freq[band] / (2 * np.pi), s, 1)
+    original = 8192
+    low = -b * original / a
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": float(round(low, 6)),
+        "high_freq_factor": float(round(low + original / a, 6)),
+        "original_max_position_embeddings": original,
+    }
+    expected = np.asarray(rope_periods(head_dim, theta, None)) * factors
+    rebuilt = np.asarray(rope_periods(head_dim, theta, scaling))
+    return scaling if np.allclose(rebuilt, expected, rtol=1e-5) else None
+
+
+def _factors(tensors: dict[str, Any], head_dim: int, where: str) -> np.ndarray:
+    factors = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32).reshape(-1)
+    if factors.size != head_dim // 2:
+        raise CheckpointError(f"{where}: rope_freqs.weight has {factors.size} values, expected {head_dim // 2}")
+    return factors
 
 
 def our_name(name: str, where: str) -> str:
@@ -99,14 +140,12 @@ def match_embedding_dtype(weights: dict[str, mx.array]) -> None:
 
 
 def set_rope(model: Model, tensors: dict[str, Any], where: str) -> None:
-    """llama3 RoPE scaling: `rope_freqs` holds factors that divide each frequency, so they multiply our periods."""
-    tensor = tensors.get("rope_freqs.weight")
-    if tensor is None:
-        return
+    """RoPE scaling that is not llama3's (see `llama3_scaling`): `rope_freqs` divide each frequency, so they
+    multiply our periods."""
     args = model.args
-    factors = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
-    if factors.size != args.head_dim // 2:
-        raise CheckpointError(f"{where}: rope_freqs.weight has {factors.size} values, expected {args.head_dim // 2}")
+    if "rope_freqs.weight" not in tensors or args.rope_scaling is not None:
+        return
+    factors = _factors(tensors, args.head_dim, where)
     periods = rope_periods(args.head_dim, args.rope_theta, None) * mx.array(factors)
     for layer in model.layers:
         layer.self_attn._periods = periods
