@@ -190,8 +190,9 @@ def _quantize(model: Model, config: dict[str, Any], weights: dict[str, mx.array]
             return
         if "quant_method" in legacy and "bits" not in legacy:
             raise ConfigError(
-                f"config.json: quantization_config.quant_method {legacy['quant_method']!r} is not supported; "
-                "use an MLX checkpoint, or convert the full-precision one with python -m apertus_mlx.convert"
+                f"config.json: quantization_config.quant_method {legacy['quant_method']!r} is not supported "
+                "(GPTQ and NVFP4 are); use an MLX checkpoint, or convert the full-precision one with "
+                "python -m apertus_mlx.convert"
             )
         quant = legacy
     if missing := [k for k in ("bits", "group_size") if k not in quant]:
@@ -220,12 +221,17 @@ def _quantize(model: Model, config: dict[str, Any], weights: dict[str, mx.array]
 
 
 def _own_layers(model: Model, quant: dict[str, Any]) -> None:
-    """Put our own quantized layer types where the `quantization` block names them (saved imports of GPTQ + EoRA
-    or NVFP4); `nn.quantize` then leaves them be."""
-    from .lowrank import LowRankQuantizedLinear
+    """Put our own quantized layer types where the `quantization` block names them (saved imports of GPTQ, EoRA,
+    NVFP4); `nn.quantize` then leaves them be."""
+    from .lowrank import CastQuantizedLinear, LowRankQuantizedLinear
     from .scaled_linear import ScaledQuantizedLinear
 
-    kinds = {"low_rank": LowRankQuantizedLinear, "tensor_scale": ScaledQuantizedLinear}
+    # The first key an entry has decides (a low-rank layer has exact scales too).
+    kinds = {
+        "low_rank": LowRankQuantizedLinear,
+        "tensor_scale": ScaledQuantizedLinear,
+        "exact_scales": CastQuantizedLinear,
+    }
     modules = dict(model.named_modules())
     for path, params in quant.items():
         kind = next((cls for key, cls in kinds.items() if isinstance(params, dict) and key in params), None)

@@ -22,6 +22,22 @@ class CastQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         return super().__call__(x).astype(x.dtype)
 
+    def quant_params(self) -> dict[str, Any]:
+        """This layer's entry in an MLX checkpoint's `quantization` block; `exact_scales` brings the cast back."""
+        return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode, "exact_scales": True}
+
+    @classmethod
+    def empty(
+        cls, input_dims: int, output_dims: int, params: dict[str, Any], bias: bool = False
+    ) -> CastQuantizedLinear:
+        """A zero layer of the shapes `params` (a `quant_params()` entry) describes, to load saved tensors into."""
+        mode = params.get("mode", "affine")
+        weight, scales, biases = _packed_zeros(input_dims, output_dims, params["group_size"], params["bits"], mode)
+        layer = quantized_linear(weight, scales, biases, params["group_size"], params["bits"], mode)
+        if bias:
+            layer.bias = mx.zeros((output_dims,), mx.float32)
+        return layer
+
 
 class LowRankQuantizedLinear(CastQuantizedLinear):
     """`CastQuantizedLinear` plus `(x @ lora_a.T) @ lora_b.T`, with `lora_a` [rank, in] and `lora_b` [out, rank].
@@ -45,13 +61,9 @@ class LowRankQuantizedLinear(CastQuantizedLinear):
         # Not QuantizedLinear.__init__: it quantizes a random full-size weight that loading replaces anyway.
         nn.Module.__init__(self)
         self.group_size, self.bits, self.mode = group_size, bits, mode
-        # One packed row gives the shapes and dtypes of this mode's tensors; zeros stay lazy until replaced.
-        packed, *stats = mx.quantize(mx.zeros((1, input_dims)), group_size, bits, mode=mode)
-        self.weight = mx.zeros((output_dims, packed.shape[1]), packed.dtype)
-        stat_dtype = dtype if mode == "affine" else stats[0].dtype
-        self.scales = mx.zeros((output_dims, stats[0].shape[1]), stat_dtype)
-        if len(stats) > 1:
-            self.biases = mx.zeros((output_dims, stats[1].shape[1]), stat_dtype)
+        self.weight, self.scales, biases = _packed_zeros(input_dims, output_dims, group_size, bits, mode, dtype)
+        if biases is not None:
+            self.biases = biases
         if bias:
             self.bias = mx.zeros((output_dims,), dtype)
         self.lora_a = mx.zeros((rank, input_dims), dtype)
@@ -118,3 +130,18 @@ def quantized_linear(
         layer.biases = biases
     layer.freeze()
     return layer
+
+
+def _packed_zeros(
+    input_dims: int, output_dims: int, group_size: int, bits: int, mode: str, dtype: mx.Dtype = mx.float32
+) -> tuple[mx.array, mx.array, mx.array | None]:
+    """Zero (weight, scales, biases) of a quantized layer's shapes; affine statistics in `dtype`, lazy until replaced.
+
+    One packed row gives the shapes and dtypes of the mode's tensors, without quantizing a full random weight.
+    """
+    packed, *stats = mx.quantize(mx.zeros((1, input_dims)), group_size, bits, mode=mode)
+    stat_dtype = dtype if mode == "affine" else stats[0].dtype
+    weight = mx.zeros((output_dims, packed.shape[1]), packed.dtype)
+    scales = mx.zeros((output_dims, stats[0].shape[1]), stat_dtype)
+    biases = mx.zeros((output_dims, stats[1].shape[1]), stat_dtype) if len(stats) > 1 else None
+    return weight, scales, biases

@@ -135,8 +135,8 @@ def test_invalid_config_json(ckpt):
 
 
 def test_unsupported_quantization_method(ckpt):
-    edit_config(ckpt, quantization_config={"quant_method": "gptq"})
-    with pytest.raises(ConfigError, match="quant_method 'gptq' is not supported"):
+    edit_config(ckpt, quantization_config={"quant_method": "awq"})
+    with pytest.raises(ConfigError, match=r"quant_method 'awq' is not supported \(GPTQ and NVFP4 are\); use an MLX"):
         apertus_mlx.load_model(ckpt)
 
 

@@ -9,7 +9,7 @@ from mlx.utils import tree_unflatten
 
 from apertus_mlx.errors import ConfigError
 from apertus_mlx.load import DEMO_MODEL, load_model
-from apertus_mlx.lowrank import LowRankQuantizedLinear
+from apertus_mlx.lowrank import CastQuantizedLinear, LowRankQuantizedLinear, quantized_linear
 from apertus_mlx.save import save_model
 from apertus_mlx.scaled_linear import ScaledQuantizedLinear
 
@@ -57,3 +57,19 @@ def test_an_entry_naming_no_linear_layer_is_refused(saved, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"^config.json: quantization names model.norm, which is not a linear layer"):
         load_model(tmp_path)
+
+
+def test_exact_float32_scales_come_back_with_the_cast_to_the_activations_dtype(tmp_path):
+    model = load_model(DEMO_MODEL)  # bfloat16
+    v = model.layers[2].self_attn.v_proj
+    weight, scales, biases = mx.quantize(v.weight.astype(mx.float32), group_size=64, bits=4)
+    exact = quantized_linear(weight, scales, biases, 64, 4)
+    model.update_modules(tree_unflatten([("model.layers.2.self_attn.v_proj", exact)]))
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    loaded = load_model(save_model(tmp_path / "cast", model, config, copy_from=DEMO_MODEL))
+    layer = loaded.layers[2].self_attn.v_proj
+    assert isinstance(layer, CastQuantizedLinear) and layer.scales.dtype == mx.float32
+    ids = mx.array([[1, 5, 9, 33, 70]])
+    out = loaded(ids)
+    assert out.dtype == mx.bfloat16  # not promoted to float32 by the wider scales
+    assert mx.array_equal(out, model(ids)).item()
