@@ -241,6 +241,8 @@ class ApertusModel(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: list[Any] | None) -> mx.array:
         h = self.embed_tokens(inputs)  # (B, L, hidden)
+        if h.dtype != self.norm.weight.dtype:  # a quantized embedding's wider scales (GGUF) must not lift the model
+            h = h.astype(self.norm.weight.dtype)
         cache = cache or [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         for layer, layer_cache in zip(self.layers, cache, strict=True):

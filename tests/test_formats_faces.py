@@ -10,15 +10,20 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+import torch
+from gguf import GGMLQuantizationType as T
 
 from apertus_mlx import formats
 from apertus_mlx.convert import main as convert_main
 from apertus_mlx.errors import ModelNotFoundError
+from apertus_mlx.formats import gguf
 from apertus_mlx.hub import _gguf_choice
-from apertus_mlx.load import DEMO_MODEL, load_model, load_tokenizer
+from apertus_mlx.load import DEMO_MODEL, load_model, load_tokenizer, make_cache
+from apertus_mlx.lowrank import CastQuantizedLinear
 from apertus_mlx.model_info import describe_model
 
-from checkpoints import REPO, make_reference, save_reference, silence_special_tokens
+from checkpoints import REPO, make_reference, save_reference, save_tokenizer, silence_special_tokens
+from gguf_fixtures import write_model
 from gptq_fixtures import LINEARS, Plan, write_gptq
 from nvfp4_fixtures import write_modelopt
 
@@ -122,3 +127,15 @@ def test_a_tag_on_a_safetensors_repo_is_refused_and_a_safetensors_repo_needs_no_
     with pytest.raises(ModelNotFoundError, match=r"^the tag :Q4_K_M picks a GGUF file, but the repo holds none$"):
         _gguf_choice(["model.safetensors", "config.json"], "Q4_K_M")
     assert _gguf_choice(["model.safetensors", "config.json", "extra/model-Q4_0.gguf"], "") is None
+
+
+def test_a_quantized_gguf_of_a_bf16_model_computes_and_caches_in_bf16(tmp_path):
+    """Exact fp32 K-quant scales must not lift activations and the KV cache to float32 (twice the memory)."""
+    save_tokenizer(tmp_path / "tok")
+    source = make_reference(hidden=256, intermediate=512).to(torch.bfloat16).to(torch.float32)  # bf16 values
+    model, _ = gguf.load_model(write_model(source, tmp_path / "q4k.gguf", T.Q4_K, tmp_path / "tok"))
+    projection = model.layers[0].self_attn.q_proj
+    assert isinstance(projection, CastQuantizedLinear) and projection.scales.dtype == mx.float32  # exact
+    cache = make_cache(model)
+    logits = model(mx.array([[1, 2, 3]]), cache=cache)
+    assert cache[0].keys.dtype == mx.bfloat16 and logits.dtype == mx.bfloat16

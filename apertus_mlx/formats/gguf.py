@@ -14,13 +14,16 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from gguf import GGUFReader
+from mlx.utils import tree_unflatten
 
 from ..errors import CheckpointError, ModelNotFoundError
+from ..lowrank import quantized_linear
 from ..model import Model, ModelArgs
 from . import ImportSummary
 from .gguf_model import file_type, gguf_config, match_embedding_dtype, our_name, set_rope, set_xielu
 from .gguf_tensors import Converter, metadata
 
+EMBEDDING = "model.embed_tokens"
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 # A quant tag in a file name: Q4_K_M, IQ4_XS, Q8_0, BF16, F16, F32, MXFP4 ...
 _TAG = re.compile(r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Za-z0-9]+)*|BF16|F16|F32|MXFP4(?:_MOE)?)(?![A-Za-z0-9])", re.I)
@@ -91,7 +94,15 @@ def load_model(path: Path, lazy: bool = False) -> tuple[Model, ImportSummary]:
         weights.update({f"{module}.{k}": v for k, v in arrays.items()})
         if settings:
             quant[module] = settings
-    nn.quantize(model, class_predicate=lambda p, m: quant.get(p, False))
+    # Projections hold the file's exact fp16/fp32 scales and return the model's own dtype (`CastQuantizedLinear`),
+    # built from the arrays: `nn.quantize` would first quantize a random weight per layer.
+    layers = [
+        (p, quantized_linear(*(weights.get(f"{p}.{k}") for k in ("weight", "scales", "biases")), **s))
+        for p, s in quant.items()
+        if p != EMBEDDING
+    ]
+    model.update_modules(tree_unflatten(layers))
+    nn.quantize(model, class_predicate=lambda p, m: quant.get(p, False) if p == EMBEDDING else False)
     set_xielu(reader, model, weights, file.name)
     match_embedding_dtype(weights)
     expected = {k for k, _ in nn.utils.tree_flatten(model.parameters())}

@@ -125,18 +125,21 @@ def set_xielu(reader: GGUFReader, model: Model, weights: dict[str, mx.array], wh
             weights[f"model.layers.{i}.mlp.act_fn.{const}"] = mx.array(float(v), dtype=mx.float32)
 
 
-def match_embedding_dtype(weights: dict[str, mx.array]) -> None:
-    """With a 16-bit float embedding, F32 norms and xIELU scalars that fit it exactly take its dtype.
+def match_embedding_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
+    """The float type the model computes in, given to the F32 norms and xIELU scalars that fit it exactly.
 
-    llama.cpp writes these small tensors as F32 whatever the model's dtype; kept so, they would lift every
-    activation (and the KV cache) of a BF16 file to float32. Cast, a BF16 GGUF runs as its BF16 source does.
+    A 16-bit float embedding gives its dtype; a quantized one bfloat16 (Apertus's own, and what its exact fp16 /
+    fp32 scales would otherwise lift to float32); an F32 one float32. llama.cpp writes the small tensors as F32
+    whatever the model's dtype; kept so, they would lift every activation and the KV cache to float32 too.
     """
-    dtype = weights["model.embed_tokens.weight"].dtype
-    if dtype not in (mx.bfloat16, mx.float16) or "model.embed_tokens.scales" in weights:
-        return
+    embedding = weights["model.embed_tokens.weight"]
+    dtype = mx.bfloat16 if "model.embed_tokens.scales" in weights else embedding.dtype
+    if dtype not in (mx.bfloat16, mx.float16):
+        return dtype
     for name, w in weights.items():
         if w.ndim <= 1 and w.dtype == mx.float32 and mx.array_equal(w.astype(dtype).astype(mx.float32), w).item():
             weights[name] = w.astype(dtype)
+    return dtype
 
 
 def set_rope(model: Model, tensors: dict[str, Any], where: str) -> None:
