@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from apertus_mlx import TurnError
 from tui.store import ChatStore
@@ -584,3 +585,20 @@ def test_an_attached_image_goes_to_an_apertus_1p5_model_with_the_message(tmp_pat
     assert [p["type"] for p in parts] == ["image_url", "text"] and parts[1]["text"] == "Where is this?"
     assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert messages[1]["role"] == "assistant" and stats.prompt_tokens > 20  # the image's codes were read
+
+
+def test_a_published_format_opens_with_its_import_summary_and_chats(tmp_path, monkeypatch):
+    gguf = Path(__file__).resolve().parent / "fixtures" / "demo-bf16.gguf"
+    app = make_app(tmp_path, monkeypatch, model=str(gguf))
+
+    async def main():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await ready(pilot)
+            notes = [(n.title, n.message) for n in app._notifications]
+            await send(pilot, "Hallo")
+            return notes, [v.text for v in views(app)]
+
+    notes, texts = run(main())
+    summary = [message for title, message in notes if title == "Imported as published"]
+    assert len(summary) == 1 and summary[0].startswith("GGUF BF16: ")
+    assert texts[0] == "Hallo" and texts[1].strip()  # the GGUF's own tokenizer and template answered
