@@ -1,7 +1,7 @@
 """Quality of each published format as we import it: KL divergence against the BF16 source, one evaluator for all.
 
     python -m bench.formats                      # the yardstick `small` model, every format's contenders
-    python -m bench.formats --only 'gguf*'
+    python -m bench.formats --formats gguf gptq --out docs/formats.md
 
 Each format module (`bench/formats/{gguf,gptq,nvfp4}.py`) writes checkpoints of the source in its published
 layout, with the format's own tool where that tool installs here, and names them. Every checkpoint is then
@@ -33,7 +33,9 @@ SMALL = Path(__file__).resolve().parents[1] / "yardstick" / "models" / "small"
 FORMATS = {"gguf": gguf, "gptq": gptq, "nvfp4": nvfp4}
 
 
-def run(source: Path, eval_text: Path | None, sequences: int, length: int, only: list[str]) -> list[dict[str, Any]]:
+def run(
+    source: Path, eval_text: Path | None, sequences: int, length: int, families: list[str], only: list[str]
+) -> list[dict[str, Any]]:
     """Make every selected contender and measure it; a contender that fails is recorded with its error."""
     points = []
     with tempfile.TemporaryDirectory(prefix="formats-") as tmp:
@@ -41,7 +43,8 @@ def run(source: Path, eval_text: Path | None, sequences: int, length: int, only:
             eval_text = Path(tmp) / "evaluation.txt"
             eval_text.write_text(default_texts()[1], encoding="utf-8")
         ref = reference(source, eval_text, sequences, length)
-        for family, module in FORMATS.items():
+        for family in families:
+            module = FORMATS[family]
             scratch = Path(tmp) / family
             scratch.mkdir()
             print(f"{family}: writing its checkpoints", file=sys.stderr, flush=True)
@@ -94,11 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-text", type=Path, help="held-out UTF-8 text (default: the recipes' held-out half)")
     ap.add_argument("--eval-sequences", type=int, default=16)
     ap.add_argument("--sequence-length", type=int, default=256)
-    ap.add_argument("--only", nargs="+", default=["*"], metavar="GLOB", help="contender names, e.g. 'gguf*'")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS), help="families to make")
+    ap.add_argument("--only", nargs="+", default=["*"], metavar="GLOB", help="contender names to measure")
     ap.add_argument("--out", type=Path, help="Markdown page to write; the .json goes beside it")
     args = ap.parse_args(argv)
     command = "python -m bench.formats " + " ".join(argv if argv is not None else sys.argv[1:])
-    points = run(args.model, args.eval_text, args.eval_sequences, args.sequence_length, args.only)
+    points = run(args.model, args.eval_text, args.eval_sequences, args.sequence_length, args.formats, args.only)
     setup = {
         "command": command.strip(),
         "model": str(args.model),
