@@ -25,6 +25,16 @@ _BPE_TEXT = [
     "def main():\n    print('hello')\n    return 0\n",
 ] * 8
 
+# A decoder layer's projections, by their names under `model.layers.N.`.
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 12_000_000.0,

@@ -19,15 +19,6 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
-LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-
 
 def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
     """int32 [rows·bits/32, cols]: `codes` [rows, cols] packed down the rows."""

@@ -16,14 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+from checkpoints import LINEARS
+
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
 
 

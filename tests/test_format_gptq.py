@@ -18,8 +18,8 @@ from apertus_mlx.errors import CheckpointError, ConfigError
 from apertus_mlx.formats import gptq
 from apertus_mlx.lowrank import LowRankQuantizedLinear
 
-from checkpoints import make_reference, max_rel_error, reference_logits, save_reference, silence_special_tokens
-from gptq_fixtures import LINEARS, Plan, float_checkpoint, write_gptq
+from checkpoints import LINEARS, make_reference, max_rel_error, reference_logits, save_reference, silence_special_tokens
+from gptq_fixtures import Plan, float_checkpoint, write_gptq
 
 SHAPE = {"hidden": 128, "intermediate": 256, "heads": 4, "kv_heads": 2, "layers": 2}
 # Layer 0 mimics the published mix's boundary layers (INT8 attention, higher rank), with 3- and 2-bit MLPs.

@@ -22,9 +22,9 @@ from apertus_mlx.load import DEMO_MODEL, load_model, load_tokenizer, make_cache
 from apertus_mlx.lowrank import CastQuantizedLinear
 from apertus_mlx.model_info import describe_model
 
-from checkpoints import REPO, make_reference, save_reference, save_tokenizer, silence_special_tokens
+from checkpoints import LINEARS, REPO, make_reference, save_reference, save_tokenizer, silence_special_tokens
 from gguf_fixtures import write_model
-from gptq_fixtures import LINEARS, Plan, write_gptq
+from gptq_fixtures import Plan, write_gptq
 from nvfp4_fixtures import write_modelopt
 
 DEMO_GGUF = Path(__file__).resolve().parent / "fixtures" / "demo-bf16.gguf"  # llama.cpp's own conversion

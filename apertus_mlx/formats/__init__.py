@@ -13,6 +13,7 @@ Each format is one module with the same three functions:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,6 +55,15 @@ class ImportSummary:
         out += [f"  {n / total:6.1%}  {what}" for what, n in self.modules.most_common()]
         out += [f"  note: {note}" for note in self.notes]
         return out
+
+
+def read_json(file: Path) -> dict[str, Any] | None:
+    """A JSON object file's contents, or None when it is missing, unreadable or not an object (for detection)."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _modules() -> dict[str, ModuleType]:

@@ -18,7 +18,6 @@ subfolder, or "merged" into the model file as `…lora_A` [in, r] and `…lora_B
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from mlx.utils import tree_unflatten
 from ..errors import CheckpointError, ConfigError
 from ..lowrank import LowRankQuantizedLinear, quantized_linear
 from ..model import Model, ModelArgs
-from . import ImportSummary
+from . import ImportSummary, read_json
 
 BITS = (2, 3, 4, 8)  # what GPTQModel writes in these layouts and MLX's affine mode runs
 MLX_GROUPS = (128, 64, 32)
@@ -50,14 +49,6 @@ class Settings:
     desc_act: bool
 
 
-def _read_json(file: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _method(quant: dict[str, Any]) -> str | None:
     return quant.get("quant_method", quant.get("method"))
 
@@ -66,10 +57,10 @@ def quant_config(path: Path) -> dict[str, Any] | None:
     """The GPTQ settings: config.json's `quantization_config`, else GPTQModel/AutoGPTQ's `quantize_config.json`."""
     if not path.is_dir():
         return None
-    quant = (_read_json(path / "config.json") or {}).get("quantization_config")
+    quant = (read_json(path / "config.json") or {}).get("quantization_config")
     if isinstance(quant, dict):
         return quant if _method(quant) == "gptq" else None
-    quant = _read_json(path / "quantize_config.json")
+    quant = read_json(path / "quantize_config.json")
     if quant is not None and _method(quant) in ("gptq", None) and "bits" in quant:
         return quant
     return None

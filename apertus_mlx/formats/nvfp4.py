@@ -31,7 +31,7 @@ from ..errors import CheckpointError, ConfigError
 from ..load import _check_weights, _read_weights, load_config
 from ..model import Model, ModelArgs
 from ..scaled_linear import ScaledQuantizedLinear
-from . import ImportSummary
+from . import ImportSummary, read_json
 
 MODELOPT_FILE = "hf_quant_config.json"
 CT_FORMAT = "nvfp4-pack-quantized"
@@ -65,7 +65,7 @@ def matches(path: Path) -> bool:
         return False
     if (path / MODELOPT_FILE).is_file():
         return True
-    quant = (_read_json(path / "config.json") or {}).get("quantization_config")
+    quant = (read_json(path / "config.json") or {}).get("quantization_config")
     if not isinstance(quant, dict):
         return False
     if quant.get("quant_method") == "modelopt":
@@ -136,7 +136,7 @@ def _modelopt_algos(path: Path, quant: Any) -> Callable[[str], str]:
     """`name -> quant_algo` from `hf_quant_config.json` (or config.json's `quantization_config`), checked."""
     file = path / MODELOPT_FILE
     if file.is_file():
-        data = _read_json(file)
+        data = read_json(file)
         if data is None or not isinstance(data.get("quantization"), dict):
             raise ConfigError(f"{file}: expected a JSON object with a 'quantization' object")
         settings, where = data["quantization"], file.name
@@ -256,11 +256,3 @@ def _stored_dtypes(path: Path, origin: dict[str, str]) -> dict[str, str]:
 def _ct_formats(quant: dict[str, Any]) -> set[str]:
     groups = quant.get("config_groups") or {}
     return {quant.get("format")} | {g.get("format") for g in groups.values() if isinstance(g, dict)}
-
-
-def _read_json(file: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
