@@ -48,7 +48,11 @@ def run(
             scratch = Path(tmp) / family
             scratch.mkdir()
             print(f"{family}: writing its checkpoints", file=sys.stderr, flush=True)
-            made = module.contenders(source, scratch)
+            try:
+                made = module.contenders(source, scratch)
+            except Exception as e:  # a tool that fails to make its files must not lose the other formats' numbers
+                points.append({"name": f"{family} (making its checkpoints)", "family": family, "error": _line(e)})
+                continue
             for label, path in tqdm(made, desc=family, unit="checkpoint", file=sys.stderr):
                 if not any(fnmatch.fnmatchcase(label, g) for g in only):
                     continue
@@ -56,12 +60,17 @@ def run(
                 try:
                     point = {"name": label, "family": family, **measure(path, ref)}
                 except Exception as e:  # one broken contender must not hide the others' numbers
-                    point = {"name": label, "family": family, "error": str(e).splitlines()[0]}
+                    point = {"name": label, "family": family, "error": _line(e)}
                 if path.is_file():  # a lone GGUF file: its own size, not a directory's safetensors
                     point["size_bytes"] = path.stat().st_size
                 point["seconds"] = round(time.monotonic() - t0, 1)
                 points.append(point)
     return points
+
+
+def _line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def markdown(points: list[dict[str, Any]], setup: dict[str, Any]) -> str:
