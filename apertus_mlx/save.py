@@ -47,10 +47,8 @@ def quantization_block(model: nn.Module) -> dict[str, Any] | None:
     if not layers:
         return None
     keys = ("group_size", "bits", "mode")
-    common = Counter(tuple((k, p[k]) for k in keys) for p in layers.values()).most_common(1)[0][0]
-    block: dict[str, Any] = dict(common)
-    block.update({path: p for path, p in layers.items() if p != block})
-    return block
+    common = dict(Counter(tuple((k, p[k]) for k in keys) for p in layers.values()).most_common(1)[0][0])
+    return {**common, **{path: p for path, p in layers.items() if p != common}}
 
 
 def _quant_params(layer: nn.Module) -> dict[str, Any]:
