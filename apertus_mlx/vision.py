@@ -642,31 +642,12 @@ def _load_vision_tokenizer(path: Path, config: dict[str, Any]) -> VisionTokenize
 
 
 def _read_vision_weights(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
-    """The `model.vision_tokenizer.*` tensors (prefix stripped, memory-mapped) and the file of each.
+    """The `model.vision_tokenizer.*` tensors (prefix stripped, memory-mapped: only these are read) and their files."""
+    from .load import _read_weights
 
-    With a sharded checkpoint only the files that the index names for them are opened.
-    """
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted({path / f for name, f in weight_map.items() if name.startswith(PREFIX)})
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise CheckpointError(f"{index}: unreadable weight_map ({_first_line(e)})") from None
-    else:
-        files = sorted(path.glob("model*.safetensors"))
-    found: dict[str, mx.array] = {}
-    origin: dict[str, str] = {}
-    for file in files:
-        try:
-            tensors = mx.load(str(file))
-        except (RuntimeError, ValueError, OSError) as e:
-            raise CheckpointError(f"{file}: unreadable safetensors ({_first_line(e)})") from None
-        for name, w in tensors.items():
-            if name.startswith(PREFIX):
-                found[name[len(PREFIX) :]] = w
-                origin[name] = file.name
-    return found, origin
+    weights, origin = _read_weights(path)
+    found = {name[len(PREFIX) :]: w for name, w in weights.items() if name.startswith(PREFIX)}
+    return found, {name: origin[name] for name in weights if name.startswith(PREFIX)}
 
 
 def _first_line(error: BaseException) -> str:
