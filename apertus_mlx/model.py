@@ -23,6 +23,7 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from . import apertus1p5
+from .decode_step import DecodeStep
 from .errors import ConfigError
 
 # Keys without which the model's shape is unknown; the rest have the reference's defaults.
@@ -189,7 +190,8 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
         self._periods = rope_periods(args.head_dim, args.rope_theta, args.rope_scaling)
 
-    def __call__(self, x: mx.array, mask: Any, cache: Any | None) -> mx.array:
+    def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values (B, heads, L, D) of normed `x`, the first at position `offset`."""
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)  # (B, L, H, D)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)  # (B, L, Hkv, D)
@@ -197,15 +199,17 @@ class Attention(nn.Module):
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, heads, L, D)
-
-        offset = cache.offset if cache is not None else 0
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._periods)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._periods)
+        return q, k, v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, cache: Any | None) -> mx.array:
+        """Store the new keys and values in `cache`, attend over all of them: (B, L, H * D), before `o_proj`."""
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        B, _, L, _ = q.shape
+        return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
 class MLP(nn.Module):
@@ -227,9 +231,17 @@ class DecoderLayer(nn.Module):
         self.attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.feedforward_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: Any, cache: Any | None) -> mx.array:
-        h = x + self.self_attn(self.attention_layernorm(x), mask, cache)
+    # A layer is split where attention reads the cache, so the decode step (`decode_step.py`) can compile the rest.
+    def attention_inputs(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        return self.self_attn.project(self.attention_layernorm(x), offset)
+
+    def finish(self, x: mx.array, attended: mx.array) -> mx.array:
+        h = x + self.self_attn.o_proj(attended)
         return h + self.mlp(self.feedforward_layernorm(h))
+
+    def __call__(self, x: mx.array, mask: Any, cache: Any | None) -> mx.array:
+        q, k, v = self.attention_inputs(x, cache.offset if cache is not None else 0)
+        return self.finish(x, self.self_attn.attend(q, k, v, mask, cache))
 
 
 class ApertusModel(nn.Module):
@@ -239,10 +251,14 @@ class ApertusModel(nn.Module):
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, cache: list[Any] | None) -> mx.array:
+    def embed(self, inputs: mx.array) -> mx.array:
         h = self.embed_tokens(inputs)  # (B, L, hidden)
         if h.dtype != self.norm.weight.dtype:  # a quantized embedding's wider scales (GGUF) must not lift the model
             h = h.astype(self.norm.weight.dtype)
+        return h
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None) -> mx.array:
+        h = self.embed(inputs)
         cache = cache or [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         for layer, layer_cache in zip(self.layers, cache, strict=True):
@@ -265,11 +281,25 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
+        self.compiled_decode = True  # one token per sequence goes through `DecodeStep`; False: the plain forward
+        self._step: DecodeStep | None = None  # built at the first decode step
+
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
-        h = self.model(inputs, cache)
+        if self.compiled_decode and cache is not None and inputs.shape[1] == 1:
+            if self._step is None:
+                self._step = DecodeStep(self)
+            return self._step(inputs, cache)
+        return self.head(self.model(inputs, cache))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits of the decoder's normed output."""
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
+
+    @property
+    def decoder(self) -> ApertusModel:
+        return self.model.language_model if self.args.model_type == apertus1p5.FULL else self.model
 
     @property
     def layers(self) -> list[DecoderLayer]:

@@ -6,8 +6,9 @@
 
 For each (shape, precision) it writes random weights of that shape in mlx-lm's checkpoint format (so both sides
 load the same files), then, interleaved and after a warm-up round, `--repeats` times each: one chat turn of
-ours (`ChatSession`) and `stream_generate` on the same prompt tokens (`--prompt-tokens`, default 2,048),
-generating `--gen-tokens`. Reported: decode tok/s, prefill tok/s, peak memory, their ratios, and decode's
+ours (`ChatSession`), ours again on the plain forward (without the compiled decode step, the ablation), and
+`stream_generate`, on the same prompt tokens (`--prompt-tokens`, default 2,048), generating `--gen-tokens`.
+Reported: decode tok/s, prefill tok/s, peak memory, their ratios, and decode's
 share of the memory-bandwidth roofline (bytes of weights read per token x tok/s / `--bandwidth`). Then a chat of
 `--turns` turns of equal length (ours only): the first token of the last turn over the first turn's.
 
@@ -94,16 +95,21 @@ def measure(weights: Path, args) -> dict[str, Any]:
     for tok in (ours_tok, theirs_tok):  # every run generates exactly --gen-tokens tokens
         tok.eos_token_ids = set()
     message = [prompt_text(args.prompt_tokens)]
-    rounds: dict[str, list[dict]] = {"ours": [], "mlx-lm": []}
+    rounds: dict[str, list[dict]] = {"ours": [], "plain": [], "mlx-lm": []}
     for i in range(args.repeats + 1):  # the first round warms up (compilation, allocation) and is dropped
         ours = run_ours(ours_model, ours_tok, message, args.gen_tokens)
+        ours_model.compiled_decode = False  # the ablation: our engine on the plain forward
+        plain = run_ours(ours_model, ours_tok, message, args.gen_tokens)
+        ours_model.compiled_decode = True
         tokens = ChatSession(ours_model, ours_tok)
         tokens.messages = ours.pop("history")[:1]
+        plain.pop("history")
         theirs = run_mlx_lm(theirs_model, theirs_tok, [tokens.render()], args.gen_tokens)
         if i:
-            rounds["ours"].append(ours)
-            rounds["mlx-lm"].append(theirs)
-        rates = f"ours {ours['generation_tps']:.1f} tok/s, mlx-lm {theirs['generation_tps']:.1f}"
+            for side, result in (("ours", ours), ("plain", plain), ("mlx-lm", theirs)):
+                rounds[side].append(result)
+        rates = f"ours {ours['generation_tps']:.1f} tok/s, plain {plain['generation_tps']:.1f}, "
+        rates += f"mlx-lm {theirs['generation_tps']:.1f}"
         log(f"  round {i}/{args.repeats}: {rates}")
     keys = ("generation_tps", "prompt_tps", "peak_memory_gb")
     result = {side: {k: statistics.median(r[k] for r in rs) for k in keys} for side, rs in rounds.items()}
@@ -123,6 +129,8 @@ def summarize(name: str, r: dict[str, Any], bandwidth: float) -> dict[str, Any]:
         "decode_ours": ours["generation_tps"],
         "decode_mlx_lm": theirs["generation_tps"],
         "decode_ratio": ours["generation_tps"] / theirs["generation_tps"],
+        "decode_plain": r["plain"]["generation_tps"],
+        "compiled_gain": ours["generation_tps"] / r["plain"]["generation_tps"],
         "prefill_ratio": ours["prompt_tps"] / theirs["prompt_tps"],
         "memory_ratio": ours["peak_memory_gb"] / theirs["peak_memory_gb"],
         "roofline_ours": r["weight_bytes_per_token"] * ours["generation_tps"] / bandwidth,
@@ -133,15 +141,15 @@ def summarize(name: str, r: dict[str, Any], bandwidth: float) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]], turns: int) -> str:
     lines = [
-        "| model | decode tok/s ours | mlx-lm | ours / mlx-lm | prefill ratio | peak memory ratio | "
-        f"roofline ours | mlx-lm | turn {turns} / turn 1 first token |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | decode tok/s ours | mlx-lm | ours / mlx-lm | compiled / plain step | prefill ratio | "
+        f"peak memory ratio | roofline ours | mlx-lm | turn {turns} / turn 1 first token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['decode_ours']:.1f} | {r['decode_mlx_lm']:.1f} | {r['decode_ratio']:.2f}x | "
-            f"{r['prefill_ratio']:.2f}x | {r['memory_ratio']:.2f}x | {r['roofline_ours']:.1%} | "
-            f"{r['roofline_mlx_lm']:.1%} | {r['turn_ttft_ratio']:.2f}x |"
+            f"{r['compiled_gain']:.2f}x | {r['prefill_ratio']:.2f}x | {r['memory_ratio']:.2f}x | "
+            f"{r['roofline_ours']:.1%} | {r['roofline_mlx_lm']:.1%} | {r['turn_ttft_ratio']:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -155,10 +163,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     names = [r["name"] for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4))
-    ax.bar([i - 0.2 for i in x], [r["decode_ours"] for r in rows], 0.4, label="apertus-mlx")
-    ax.bar([i + 0.2 for i in x], [r["decode_mlx_lm"] for r in rows], 0.4, label="mlx-lm stream_generate")
-    for i, r in enumerate(rows):
-        top = max(r["decode_ours"], r["decode_mlx_lm"])
+    ax.bar([i - 0.27 for i in x], [r["decode_ours"] for r in rows], 0.27, label="apertus-mlx")
+    ax.bar(list(x), [r["decode_plain"] for r in rows], 0.27, label="apertus-mlx, plain forward")
+    ax.bar([i + 0.27 for i in x], [r["decode_mlx_lm"] for r in rows], 0.27, label="mlx-lm stream_generate")
+    for i, r in enumerate(rows):  # ours over mlx-lm
+        top = max(r["decode_ours"], r["decode_plain"], r["decode_mlx_lm"])
         ax.annotate(f"{r['decode_ratio']:.2f}x", (i, top), ha="center", va="bottom")
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     ax.set_ylabel("decode tokens/s")

@@ -235,10 +235,17 @@ def test_incremental_decoding_equals_full_forward(full_checkpoint):
     model = apertus_mlx.load_model(path)
     ids = prompt_ids(1, 20, seed=3)
     full = our_logits(model, ids)
-    cache = apertus_mlx.make_cache(model)
-    steps = [np.array(model(mx.array(ids[:, :12]), cache=cache))]
-    steps += [np.array(model(mx.array(ids[:, i : i + 1]), cache=cache)) for i in range(12, 20)]
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=1e-4 * np.abs(full).max())
+
+    def incremental() -> np.ndarray:
+        cache = apertus_mlx.make_cache(model)
+        steps = [np.array(model(mx.array(ids[:, :12]), cache=cache))]
+        steps += [np.array(model(mx.array(ids[:, i : i + 1]), cache=cache)) for i in range(12, 20)]
+        return np.concatenate(steps, axis=1)
+
+    compiled = incremental()  # one token at a time goes through the compiled decode step
+    np.testing.assert_allclose(compiled, full, rtol=0, atol=1e-4 * np.abs(full).max())
+    model.compiled_decode = False
+    np.testing.assert_array_equal(incremental(), compiled)
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ def test_speed_table_json_and_chart_on_the_tiny_shape(tmp_path, capsys):
         raw = data["raw"][row["name"]]
         assert raw["ours"]["generation_tps"] > 0 and raw["mlx-lm"]["generation_tps"] > 0
         assert math.isclose(row["decode_ratio"], raw["ours"]["generation_tps"] / raw["mlx-lm"]["generation_tps"])
+        assert math.isclose(row["compiled_gain"], raw["ours"]["generation_tps"] / raw["plain"]["generation_tps"])
         assert len(raw["ttft_turns"]) == 2
         assert math.isclose(row["turn_ttft_ratio"], raw["ttft_turns"][1] / raw["ttft_turns"][0])
     page = out.with_suffix(".md").read_text()
