@@ -8,9 +8,10 @@ For each (shape, precision) it writes random weights of that shape in mlx-lm's c
 load the same files), then, interleaved and after a warm-up round, `--repeats` times each: one chat turn of
 ours (`ChatSession`), ours again on the plain forward (without the compiled decode step, the ablation), and
 `stream_generate`, on the same prompt tokens (`--prompt-tokens`, default 2,048), generating `--gen-tokens`.
-Reported: decode tok/s, prefill tok/s, peak memory, their ratios, and decode's
-share of the memory-bandwidth roofline (bytes of weights read per token x tok/s / `--bandwidth`). Then a chat of
-`--turns` turns of equal length (ours only): the first token of the last turn over the first turn's.
+Reported: decode tok/s (median), the decode ratios (median of the rounds' ratios), prefill tok/s, peak memory and
+their ratios, and decode's share of the memory-bandwidth roofline (bytes of weights read per token x tok/s /
+`--bandwidth`). Then a chat of `--turns` turns of equal length (ours only): the first token of the last turn over
+the first turn's.
 
 Prints a table; with `--out PREFIX`, writes PREFIX.json, PREFIX.md and a bar chart PREFIX.png.
 """
@@ -113,6 +114,7 @@ def measure(weights: Path, args) -> dict[str, Any]:
         log(f"  round {i}/{args.repeats}: {rates}")
     keys = ("generation_tps", "prompt_tps", "peak_memory_gb")
     result = {side: {k: statistics.median(r[k] for r in rs) for k in keys} for side, rs in rounds.items()}
+    result["rounds"] = {side: [r["generation_tps"] for r in rs] for side, rs in rounds.items()}
     result["prompt_tokens"] = rounds["ours"][0]["prompt_tokens"][0]
     chat = run_ours(ours_model, ours_tok, [prompt_text(args.turn_tokens)] * args.turns, args.gen_tokens // 4)
     result["ttft_turns"] = chat["ttft"]
@@ -122,15 +124,21 @@ def measure(weights: Path, args) -> dict[str, Any]:
     return result
 
 
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median of round-by-round ratios: the sides of one round share the machine's state of the moment,
+    so on a machine whose speed drifts this is steadier than a ratio of medians."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def summarize(name: str, r: dict[str, Any], bandwidth: float) -> dict[str, Any]:
-    ours, theirs = r["ours"], r["mlx-lm"]
+    ours, theirs, rounds = r["ours"], r["mlx-lm"], r["rounds"]
     return {
         "name": name,
         "decode_ours": ours["generation_tps"],
         "decode_mlx_lm": theirs["generation_tps"],
-        "decode_ratio": ours["generation_tps"] / theirs["generation_tps"],
+        "decode_ratio": paired_ratio(rounds["ours"], rounds["mlx-lm"]),
         "decode_plain": r["plain"]["generation_tps"],
-        "compiled_gain": ours["generation_tps"] / r["plain"]["generation_tps"],
+        "compiled_gain": paired_ratio(rounds["ours"], rounds["plain"]),
         "prefill_ratio": ours["prompt_tps"] / theirs["prompt_tps"],
         "memory_ratio": ours["peak_memory_gb"] / theirs["peak_memory_gb"],
         "roofline_ours": r["weight_bytes_per_token"] * ours["generation_tps"] / bandwidth,
@@ -171,7 +179,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.annotate(f"{r['decode_ratio']:.2f}x", (i, top), ha="center", va="bottom")
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     ax.set_ylabel("decode tokens/s")
-    ax.legend()
+    ax.set_title("decode; above the bars: apertus-mlx / mlx-lm", fontsize="medium")
+    tops = [max(r["decode_ours"], r["decode_plain"], r["decode_mlx_lm"]) for r in rows]
+    ax.set_ylim(0, 1.3 * max(tops))  # room for the legend above the bars
+    ax.legend(loc="upper left", ncol=3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
