@@ -233,11 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         data = {"args": {k: str(v) for k, v in vars(args).items()}, "mlx": mx.__version__, "rows": rows, "raw": raw}
         for suffix, text in ((".json", json.dumps(data, indent=2) + "\n"), (".md", page + "\n")):
-            target = args.out.with_suffix(suffix)
+            target = args.out.with_name(args.out.name + suffix)  # a prefix may hold dots: "speed-0.5b"
             tmp = target.with_name(f".{target.name}.tmp")
             tmp.write_text(text)
             os.replace(tmp, target)
-        plot(rows, args.out.with_suffix(".png"))
+        plot(rows, args.out.with_name(args.out.name + ".png"))
     return 0
 
 

@@ -13,12 +13,12 @@ from bench.step_cost import main as step_cost
 
 
 def test_speed_table_json_and_chart_on_the_tiny_shape(tmp_path, capsys):
-    out = tmp_path / "speed"
+    out = tmp_path / "speed-0.5x"  # a dotted prefix is a prefix, not a name with a suffix
     argv = ["--shapes", "tiny", "--precisions", "bf16", "mix", "--prompt-tokens", "48", "--gen-tokens", "8"]
     argv += ["--repeats", "2", "--turns", "2", "--turn-tokens", "16", "--out", str(out)]
     assert main(argv) == 0
 
-    data = json.loads(out.with_suffix(".json").read_text())
+    data = json.loads(out.with_name(out.name + ".json").read_text())
     assert [r["name"] for r in data["rows"]] == ["tiny bf16", "tiny mix"]
     for row in data["rows"]:
         raw = data["raw"][row["name"]]
@@ -32,9 +32,9 @@ def test_speed_table_json_and_chart_on_the_tiny_shape(tmp_path, capsys):
         assert math.isclose(row["compiled_gain"], (gains[0] + gains[1]) / 2)
         assert len(raw["ttft_turns"]) == 2
         assert math.isclose(row["turn_ttft_ratio"], raw["ttft_turns"][1] / raw["ttft_turns"][0])
-    page = out.with_suffix(".md").read_text()
+    page = out.with_name(out.name + ".md").read_text()
     assert "| tiny bf16 |" in page and "| tiny mix |" in page and page in capsys.readouterr().out + "\n"
-    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert out.with_name(out.name + ".png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_mix_widths_and_roofline_bytes():
