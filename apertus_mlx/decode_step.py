@@ -1,7 +1,7 @@
-"""The decode step (one new token per sequence) as a few compiled calls instead of a thousand Python ops.
+"""The decode step (one new token per sequence) as one compiled call per layer instead of some twenty operations.
 
 At the sizes people run on a Mac, a decode step is bound by per-operation overhead, not by bytes: building
-the graph in Python costs as much as the device's work. Everything between two reads of the KV cache is
+the graph in Python can cost as much as the device's work. Everything between two reads of the KV cache is
 therefore one `mx.compile`d call: the embedding and layer 0's projections, then for each layer its output
 projection, MLP and the next layer's projections, and last the final norm and the head. What stays in
 Python per layer is the cache update and attention, whose shapes grow with every token.
