@@ -174,13 +174,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.bar([i - 0.27 for i in x], [r["decode_ours"] for r in rows], 0.27, label="apertus-mlx")
     ax.bar(list(x), [r["decode_plain"] for r in rows], 0.27, label="apertus-mlx, plain forward")
     ax.bar([i + 0.27 for i in x], [r["decode_mlx_lm"] for r in rows], 0.27, label="mlx-lm stream_generate")
-    for i, r in enumerate(rows):  # ours over mlx-lm
-        top = max(r["decode_ours"], r["decode_plain"], r["decode_mlx_lm"])
+    tops = [max(r["decode_ours"], r["decode_plain"], r["decode_mlx_lm"]) for r in rows]
+    for i, (r, top) in enumerate(zip(rows, tops, strict=True)):  # ours over mlx-lm
         ax.annotate(f"{r['decode_ratio']:.2f}x", (i, top), ha="center", va="bottom")
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     ax.set_ylabel("decode tokens/s")
     ax.set_title("decode; above the bars: apertus-mlx / mlx-lm", fontsize="medium")
-    tops = [max(r["decode_ours"], r["decode_plain"], r["decode_mlx_lm"]) for r in rows]
     ax.set_ylim(0, 1.3 * max(tops))  # room for the legend above the bars
     ax.legend(loc="upper left", ncol=3)
     fig.tight_layout()

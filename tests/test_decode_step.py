@@ -134,3 +134,16 @@ def test_batched_compiled_steps_give_each_chats_plain_tokens(chat_model, steps):
     histories = [s.messages for s in sessions]
     again = together(model, sessions, ["Und jetzt?"] * len(TURNS))
     assert again == [solo_plain(model, tokenizer, h, "Und jetzt?") for h in histories]
+
+
+def test_weights_changed_after_the_step_is_built_are_used(checkpoint, steps):
+    model, _ = apertus_mlx.load(checkpoint)
+    prompt = mx.array([[40, 41, 42, 43]])
+    decode(model, prompt, 3, compiled=True)  # builds and traces the compiled step
+    layer = model.layers[1]
+    layer.mlp.down_proj.weight = 2 * layer.mlp.down_proj.weight
+    nn.quantize(model, group_size=64, bits=4)  # every projection swapped for a quantized one
+    plain_tokens, plain = decode(model, prompt, 3, compiled=False)
+    tokens, compiled = decode(model, prompt, 3, compiled=True)
+    assert len(steps) == 6 and tokens == plain_tokens
+    np.testing.assert_array_equal(compiled, plain)
